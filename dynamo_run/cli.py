@@ -1,0 +1,195 @@
+"""The typer app: argv -> RunSpec -> runner. Nothing else lives here.
+
+Usage errors are printed as one line on stderr with exit code 2; start-up failures (model,
+engine) as one line with exit code 1. Heavy modules are imported only after parsing, so
+``--help`` and ``--version`` stay instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dynamo_run import __version__
+
+try:  # typer >= 0.20 vendors its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_errors
+
+EXAMPLES = """\
+[bold]Inputs[/]  in=text (default) | in=http | in=batch:FILE.jsonl | in=dyn://ns.component.endpoint
+[bold]Outputs[/] out=auto (default) | echo | mocker | llamacpp | vllm | sglang | trtllm
+        | dyn | dyn://ns.component.endpoint
+[bold]MODEL[/]   a GGUF file, a Hugging Face folder, or a Hugging Face repo id; default: SmolLM2-135M-Instruct
+
+[bold]Installed engines[/]: {engines}
+
+[bold]Examples[/]
+  dynamo-run                                      chat with the default model
+  dynamo-run in=text out=llamacpp model.gguf      chat with a GGUF model
+  echo "Why is the sky blue?" | dynamo-run        answer one question and exit
+  dynamo-run in=http out=llamacpp --http-port 8080    OpenAI-compatible server
+  dynamo-run in=batch:prompts.jsonl out=auto      run a JSONL file, write output.jsonl
+"""
+
+
+def _epilog() -> str:
+    from dynamo_run.engine import installed_engines
+
+    engines = ", ".join(sorted(installed_engines())) or "none"
+    return EXAMPLES.format(engines=engines)
+
+
+app = typer.Typer(
+    add_completion=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dynamo-run {__version__}")
+        raise typer.Exit()
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING
+    dyn_log = os.environ.get("DYN_LOG", "").split(",")[0].strip().upper()
+    if dyn_log in ("ERROR", "WARN", "WARNING", "INFO", "DEBUG"):
+        level = getattr(logging, "WARNING" if dyn_log == "WARN" else dyn_log)
+    if dyn_log == "TRACE":
+        level = logging.DEBUG
+    if verbosity == 1:
+        level = logging.INFO
+    elif verbosity >= 2:
+        level = logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command(epilog=_epilog(), no_args_is_help=False)
+def run(
+    specs: Annotated[
+        list[str] | None,
+        typer.Argument(help="in=INPUT, out=OUTPUT and MODEL, in any order.", show_default=False),
+    ] = None,
+    model_path: Annotated[str | None, typer.Option(help="MODEL, as a flag.")] = None,
+    model_name: Annotated[str | None, typer.Option(help="Name to serve the model as.")] = None,
+    context_length: Annotated[
+        int | None, typer.Option(help="Limit the context (tokens); default: the model's.")
+    ] = None,
+    kv_cache_block_size: Annotated[int | None, typer.Option(help="KV cache block size.")] = None,
+    http_host: Annotated[str, typer.Option(help="in=http: address to bind.")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(help="in=http: port to bind.")] = 8000,
+    tls_cert_path: Annotated[Path | None, typer.Option(help="in=http: TLS certificate.")] = None,
+    tls_key_path: Annotated[Path | None, typer.Option(help="in=http: TLS private key.")] = None,
+    migration_limit: Annotated[
+        int, typer.Option(help="Retries of a request on another worker.")
+    ] = 0,
+    router_mode: Annotated[
+        str, typer.Option(help="out=dyn: random | round-robin | kv.")
+    ] = "round-robin",
+    extra_engine_args: Annotated[
+        Path | None, typer.Option(help="JSON file of engine-specific arguments.")
+    ] = None,
+    request_template: Annotated[
+        Path | None, typer.Option(help="JSON file of defaults merged into every request.")
+    ] = None,
+    nats_url: Annotated[
+        str | None, typer.Option(envvar="NATS_SERVER", help="NATS server for distribution.")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="DYN_API_KEY", help="in=http: require this key.")
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="in=text: answer this and exit.")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="in=batch: output file (default output.jsonl).")
+    ] = None,
+    batch_concurrency: Annotated[
+        int | None, typer.Option(help="in=batch: requests in flight.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="in=batch: start afresh.")] = False,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="-v info, -vv debug (or DYN_LOG).")
+    ] = 0,
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show version."),
+    ] = None,
+) -> None:
+    """[bold]dynamo-run[/]: chat with, serve, or batch-run an LLM with one command."""
+    from dynamo_run.spec import Flags, SpecError, parse_run_spec
+
+    flags = Flags(
+        model_path=model_path,
+        model_name=model_name,
+        context_length=context_length,
+        kv_cache_block_size=kv_cache_block_size,
+        http_host=http_host,
+        http_port=http_port,
+        tls_cert_path=tls_cert_path,
+        tls_key_path=tls_key_path,
+        migration_limit=migration_limit,
+        router_mode=router_mode,
+        extra_engine_args=extra_engine_args,
+        request_template=request_template,
+        nats_url=nats_url,
+        api_key=api_key,
+        verbosity=verbose,
+        prompt=prompt,
+        output=output,
+        batch_concurrency=batch_concurrency,
+        overwrite=overwrite,
+    )
+    try:
+        spec = parse_run_spec(list(specs or []), flags)
+    except SpecError as exc:
+        _fail(str(exc), 2)
+    _setup_logging(spec.flags.verbosity)
+
+    from dynamo_run.runner import RunError, run
+
+    try:
+        code = run(spec)
+    except RunError as exc:
+        _fail(str(exc), 1)
+    except SpecError as exc:
+        _fail(str(exc), 2)
+    except KeyboardInterrupt:
+        code = 130
+    raise typer.Exit(code)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"dynamo-run: error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point. Click usage errors become one line and exit code 2."""
+    try:
+        result = app(args=argv, prog_name="dynamo-run", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError:
+        return 0
+    except click_errors.UsageError as exc:
+        message = exc.format_message().replace("\n", " ")
+        print(f"dynamo-run: error: {message}", file=sys.stderr)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        return 130
+    except Exception as exc:  # last resort: one line, details only with -vv
+        logging.getLogger("dynamo_run").debug("unexpected error", exc_info=True)
+        print(f"dynamo-run: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return result if isinstance(result, int) else 0

@@ -1,0 +1,75 @@
+"""The Engine protocol and the registry of engines found through entry points.
+
+Every engine is token-level: it receives a :class:`PreprocessedRequest` and streams
+:class:`EngineOutput` items. Heavy engines live in their own distributions and register in
+the ``dynamo_run.engines`` entry-point group; they are imported only when selected, so
+``dynamo-run --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from dynamo_run.protocol.internal import EngineOutput, PreprocessedRequest
+
+if TYPE_CHECKING:
+    from dynamo_run.model.card import ModelCard
+
+ENTRY_POINT_GROUP = "dynamo_run.engines"
+
+
+class EngineError(Exception):
+    """An engine could not start or was asked for something it cannot do."""
+
+
+@dataclass
+class EngineConfig:
+    """Engine-independent settings from the command line, plus engine-specific extras."""
+
+    context_length: int | None = None
+    kv_cache_block_size: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # --extra-engine-args JSON
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What every engine provides. ``generate`` must stop promptly when its consumer
+    cancels the iteration (``aclose``/task cancellation) and free what the request held."""
+
+    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+        """Stream outputs for one request; the last output carries ``finish_reason``."""
+        ...
+
+    async def close(self) -> None:
+        """Release the model and any threads."""
+        ...
+
+
+class SupportsEmbeddings(Protocol):
+    async def embed(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """One embedding vector per tokenised input."""
+        ...
+
+
+EngineFactory = Callable[["ModelCard", EngineConfig], Engine]
+
+
+def installed_engines() -> dict[str, str]:
+    """Engine name -> 'module:attr' for every registered engine, without importing them."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_engine_factory(name: str) -> EngineFactory:
+    """Import the named engine's factory. Raises EngineError if it is not installed."""
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            try:
+                return ep.load()
+            except ImportError as exc:
+                raise EngineError(
+                    f"engine '{name}' is registered but cannot be imported: {exc}"
+                ) from exc
+    raise EngineError(f"engine '{name}' is not installed; try: pip install 'dynamo-run[{name}]'")

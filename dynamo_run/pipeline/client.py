@@ -1,0 +1,147 @@
+"""The client every input calls: prepared request -> engine -> text deltas with usage.
+
+Closing the returned stream (client hung up, Ctrl-C, stop string matched) closes the
+engine's generator, which is how cancellation reaches the engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from dynamo_run.engine import Engine
+from dynamo_run.model.card import ModelCard
+from dynamo_run.pipeline.postprocess import (
+    IncrementalDetokenizer,
+    StopStringMatcher,
+    openai_finish_reason,
+)
+from dynamo_run.pipeline.preprocess import PreparedRequest, Preprocessor
+from dynamo_run.protocol.internal import FINISH_ERROR, TokenLogprob
+
+
+class EngineFailure(RuntimeError):
+    """The engine reported an error for this request (HTTP 500 / a failed batch line)."""
+
+
+@dataclass
+class Delta:
+    """A piece of one answer. The last delta has ``finish_reason`` and final usage."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    """A whole answer, for callers that do not stream."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    time_to_first_token: float | None = None
+    elapsed: float = 0.0
+
+
+class ModelClient:
+    """Serves one model card with one engine (local, or a router over remote workers)."""
+
+    def __init__(
+        self, card: ModelCard, engine: Engine, request_template: dict[str, Any] | None = None
+    ) -> None:
+        self.card = card
+        self.engine = engine
+        self.preprocessor = Preprocessor(card, request_template)
+
+    async def stream(self, prepared: PreparedRequest) -> AsyncIterator[Delta]:
+        """Run one prepared request, yielding text deltas as they are ready."""
+        request = prepared.engine_request
+        detok = IncrementalDetokenizer(self.card.tokenizer, request.token_ids)
+        stops = StopStringMatcher(prepared.stop_strings)
+        prompt_tokens = len(request.token_ids)
+        generated = 0
+        cached = 0
+        outputs = self.engine.generate(request)
+        try:
+            async for out in outputs:
+                if out.finish_reason == FINISH_ERROR or out.error:
+                    raise EngineFailure(out.error or "the engine failed")
+                if out.cached_tokens is not None:
+                    cached = out.cached_tokens
+                generated += len(out.token_ids)
+                text, stopped = stops.push(detok.add(out.token_ids))
+                finish = "stop" if stopped else openai_finish_reason(out.finish_reason)
+                if finish is not None and not stopped:
+                    text += stops.flush()
+                if text or finish or out.logprobs:
+                    yield Delta(
+                        text,
+                        out.token_ids,
+                        finish,
+                        out.logprobs,
+                        prompt_tokens,
+                        generated,
+                        cached,
+                    )
+                if finish is not None:
+                    return
+            # The engine ended without a finish reason: treat as a normal stop.
+            yield Delta(stops.flush(), [], "stop", None, prompt_tokens, generated, cached)
+        finally:
+            await outputs.aclose()
+
+    async def complete(self, prepared: PreparedRequest) -> Completion:
+        """Run one prepared request to the end and return the whole answer."""
+        start = time.perf_counter()
+        first: float | None = None
+        parts: list[str] = []
+        token_ids: list[int] = []
+        logprobs: list[TokenLogprob] = []
+        last = Delta("")
+        async for delta in self.stream(prepared):
+            if first is None and delta.token_ids:
+                first = time.perf_counter() - start
+            parts.append(delta.text)
+            token_ids.extend(delta.token_ids)
+            if delta.logprobs:
+                logprobs.extend(delta.logprobs)
+            last = delta
+        return Completion(
+            text="".join(parts),
+            finish_reason=last.finish_reason,
+            prompt_tokens=last.prompt_tokens or prepared.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            cached_tokens=last.cached_tokens,
+            token_ids=token_ids,
+            logprobs=logprobs,
+            time_to_first_token=first,
+            elapsed=time.perf_counter() - start,
+        )
+
+
+def copy_for_choice(prepared: PreparedRequest, index: int) -> PreparedRequest:
+    """The same request for choice ``index`` of ``n``: its own id, and seed + index so that
+    seeded choices differ from each other but stay reproducible."""
+    if index == 0:
+        return prepared
+    req = prepared.engine_request
+    sampling = req.sampling
+    if sampling.seed is not None:
+        sampling = msgspec.structs.replace(sampling, seed=sampling.seed + index)
+    new_req = msgspec.structs.replace(
+        req, request_id=f"{req.request_id}-{index}", sampling=sampling
+    )
+    return PreparedRequest(new_req, list(prepared.stop_strings), prepared.prompt_text)

@@ -1,0 +1,154 @@
+"""OpenAI-shaped requests -> token-level engine requests (chat template, tokenisation,
+sampling, stop rules), with the context-length check done once, here."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from dynamo_run.model.card import ModelCard
+from dynamo_run.model.template import TemplateError
+from dynamo_run.protocol.internal import PreprocessedRequest, SamplingOptions, StopConditions
+from dynamo_run.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+
+class RequestError(ValueError):
+    """The request is invalid for this model (HTTP 400). ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass
+class PreparedRequest:
+    """A token-level request plus what only the frontend needs to finish it."""
+
+    engine_request: PreprocessedRequest
+    stop_strings: list[str] = field(default_factory=list)
+    prompt_text: str = ""
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.engine_request.token_ids)
+
+
+def new_request_id(prefix: str = "req") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class Preprocessor:
+    """Turns chat and completion requests into engine requests for one model card."""
+
+    def __init__(self, card: ModelCard, request_template: dict[str, Any] | None = None) -> None:
+        self.card = card
+        self.request_template = dict(request_template or {})
+
+    # --- request defaults -------------------------------------------------------------
+    def apply_template(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Merge ``--request-template`` defaults under the request's own fields."""
+        if not self.request_template:
+            return body
+        merged = {k: v for k, v in self.request_template.items() if k != "messages"}
+        merged.update({k: v for k, v in body.items() if v is not None})
+        return merged
+
+    # --- tokenisation -----------------------------------------------------------------
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = self.card.tokenizer.encode(text, add_special_tokens=False).ids
+        bos = self.card.bos_token_id
+        want_bos = self.card.add_bos_token if add_bos is None else add_bos
+        if want_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        return ids
+
+    def render_chat(self, messages: list[dict[str, Any]], tools: Any = None) -> str:
+        try:
+            return self.card.chat_template.render(messages, add_generation_prompt=True, tools=tools)
+        except TemplateError as exc:
+            raise RequestError(str(exc), param="messages") from exc
+
+    # --- building engine requests -----------------------------------------------------
+    def _build(
+        self,
+        req: SamplingFields,
+        token_ids: list[int],
+        prompt_text: str,
+        max_tokens: int | None,
+        logprobs: int | None,
+        json_object: bool,
+    ) -> PreparedRequest:
+        ctx = self.card.context_length
+        if not token_ids:
+            raise RequestError("the prompt is empty", param="prompt")
+        if len(token_ids) >= ctx:
+            raise RequestError(
+                f"This model's maximum context length is {ctx} tokens. However, your prompt "
+                f"has {len(token_ids)} tokens; it must be shorter to leave room for output.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        room = ctx - len(token_ids)
+        limit = room if max_tokens is None else min(max_tokens, room)
+        vocab = self.card.tokenizer.get_vocab_size()
+        for tid in token_ids:
+            if not 0 <= tid < vocab:
+                raise RequestError(f"token id {tid} is outside the vocabulary", param="prompt")
+        sampling = SamplingOptions(
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            seed=req.seed,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            json_object=json_object,
+        )
+        stop = StopConditions(
+            max_tokens=limit,
+            stop_token_ids=self.card.stop_token_ids,
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
+        )
+        engine_request = PreprocessedRequest(
+            request_id=new_request_id(),
+            token_ids=token_ids,
+            sampling=sampling,
+            stop=stop,
+            logprobs=logprobs,
+            model=self.card.name,
+        )
+        return PreparedRequest(engine_request, req.stop_list(), prompt_text)
+
+    def chat(self, req: ChatCompletionRequest) -> PreparedRequest:
+        messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
+        prompt = self.render_chat(messages, tools=req.tools)
+        max_tokens = req.max_completion_tokens
+        if max_tokens is None:
+            max_tokens = req.max_tokens
+        json_object = bool(req.response_format and req.response_format.type != "text")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        return self._build(req, self.encode(prompt), prompt, max_tokens, logprobs, json_object)
+
+    def completion(self, req: CompletionRequest) -> list[PreparedRequest]:
+        """One prepared request per prompt (the API accepts a batch of prompts)."""
+        prompts = req.prompt
+        if isinstance(prompts, str):
+            batch: list[str | list[int]] = [prompts]
+        elif prompts and all(isinstance(p, int) for p in prompts):
+            batch = [list(prompts)]  # type: ignore[arg-type]
+        else:
+            batch = list(prompts)  # type: ignore[arg-type]
+        if not batch:
+            raise RequestError("the prompt is empty", param="prompt")
+        prepared = []
+        for prompt in batch:
+            if isinstance(prompt, str):
+                ids, text = self.encode(prompt), prompt
+            else:
+                ids, text = list(prompt), self.card.tokenizer.decode(list(prompt))
+            prepared.append(self._build(req, ids, text, req.max_tokens, req.logprobs, False))
+        return prepared

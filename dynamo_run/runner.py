@@ -1,0 +1,123 @@
+"""Build the pipeline for a RunSpec, run its input, and shut everything down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from dynamo_run.engine import Engine, EngineConfig, EngineError, load_engine_factory
+from dynamo_run.model.card import ModelCard, ModelCardError, load_model_card
+from dynamo_run.model.resolve import ModelNotFoundError
+from dynamo_run.pipeline.client import ModelClient
+from dynamo_run.spec import RunSpec
+
+log = logging.getLogger("dynamo_run")
+
+# Input kind -> "module:function" taking (client, spec) and returning an exit code.
+INPUT_RUNNERS: dict[str, str] = {
+    "text": "dynamo_run.inputs.text:run_text",
+    "batch": "dynamo_run.inputs.batch:run_batch",
+    "http": "dynamo_run.inputs.http:run_http",
+}
+
+# Engines that `out=auto` may pick, best first, per model format.
+AUTO_ENGINES: dict[str, tuple[str, ...]] = {
+    "gguf": ("llamacpp",),
+    "hf": ("vllm", "sglang", "trtllm", "llamacpp"),
+}
+
+
+class RunError(RuntimeError):
+    """A failure to start (model, engine): printed as one line, exit code 1."""
+
+
+def choose_engine(spec: RunSpec, card: ModelCard) -> str:
+    """The engine name for out=ENGINE, resolving out=auto from the model's format."""
+    from dynamo_run.engine import installed_engines
+
+    if spec.output.kind != "auto":
+        return spec.output.kind
+    available = installed_engines()
+    for name in AUTO_ENGINES.get(card.kind, ()):
+        if name in available:
+            return name
+    wanted = " or ".join(AUTO_ENGINES.get(card.kind, ()))
+    raise RunError(
+        f"out=auto: no engine installed for a {card.kind.upper()} model; install {wanted} "
+        f"(pip install 'dynamo-run[llamacpp]') or pass out=echo"
+    )
+
+
+def start_engine(name: str, card: ModelCard, spec: RunSpec) -> Engine:
+    try:
+        factory = load_engine_factory(name)
+        config = EngineConfig(
+            context_length=card.context_length,
+            kv_cache_block_size=spec.flags.kv_cache_block_size,
+            extra=dict(spec.extra_engine_args),
+        )
+        return factory(card, config)
+    except EngineError as exc:
+        raise RunError(f"out={name}: {exc}") from exc
+
+
+def load_card(spec: RunSpec) -> ModelCard:
+    try:
+        return load_model_card(spec.model, spec.flags.model_name, spec.flags.context_length)
+    except (ModelNotFoundError, ModelCardError) as exc:
+        raise RunError(f"model: {exc}") from exc
+
+
+# Outputs that later issues deliver: they parse, then fail with one clear line.
+UNAVAILABLE_ENGINES = frozenset({"mocker", "vllm", "sglang", "trtllm"})
+
+InputRunner = Callable[["asyncio.Task[ModelClient]", RunSpec], Awaitable[int]]
+
+
+def input_runner(kind: str) -> InputRunner:
+    target = INPUT_RUNNERS.get(kind)
+    if target is None:
+        raise RunError(f"in={kind} is not available in this build")
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+async def load_client(spec: RunSpec) -> ModelClient:
+    """Resolve the model, pick and start the engine; off the event loop."""
+    if not spec.output.is_engine:
+        raise RunError(f"out={spec.output.kind} is not available in this build")
+    card = await asyncio.to_thread(load_card, spec)
+    engine_name = choose_engine(spec, card)
+    if engine_name in UNAVAILABLE_ENGINES:
+        raise RunError(f"out={engine_name} is not available in this build")
+    log.info("model %s (%s), engine %s", card.name, card.path, engine_name)
+    engine = await asyncio.to_thread(start_engine, engine_name, card, spec)
+    return ModelClient(card, engine, spec.request_template)
+
+
+async def run_async(spec: RunSpec) -> int:
+    """Start loading the output, run the input until it ends, close the engine.
+
+    The input receives the loading task rather than a client so that a server can listen
+    (and answer 503) while the model loads. Returns the process exit code."""
+    run_input = input_runner(spec.input.kind)
+    if not spec.output.is_engine:
+        raise RunError(f"out={spec.output.kind} is not available in this build")
+    loading = asyncio.create_task(load_client(spec))
+    try:
+        return await run_input(loading, spec)
+    finally:
+        if not loading.done():
+            loading.cancel()
+        elif not loading.cancelled() and loading.exception() is None:
+            await loading.result().engine.close()
+        elif not loading.cancelled():
+            exc = loading.exception()
+            if isinstance(exc, RunError):
+                raise exc
+
+
+def run(spec: RunSpec) -> int:
+    return asyncio.run(run_async(spec))
