@@ -170,7 +170,7 @@ class ChatShell:
         body = text.lstrip()[len(MULTILINE_FENCE) :]
         lines = [body] if body else []
         while MULTILINE_FENCE not in (lines[-1] if lines else ""):
-            lines.append(await session.prompt_async("... "))
+            lines.append(await session.prompt_async("... ", placeholder=""))
         joined = "\n".join(lines)
         return joined[: joined.rfind(MULTILINE_FENCE)]
 

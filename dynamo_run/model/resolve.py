@@ -91,11 +91,13 @@ def download_from_hub(repo_id: str) -> Path:
         )
     except LocalEntryNotFoundError as exc:
         raise ModelNotFoundError(
-            f"{repo_id}: not in the local Hugging Face cache and cannot be downloaded "
-            f"(offline or no network)"
+            f"{repo_id}: no such file or folder, and as a Hugging Face repo id it is not in "
+            f"the local cache and cannot be downloaded (offline or no network)"
         ) from exc
     except HfHubHTTPError as exc:
-        raise ModelNotFoundError(f"{repo_id}: Hugging Face download failed: {exc}") from exc
+        raise ModelNotFoundError(
+            f"{repo_id}: no such file or folder, and the Hugging Face download failed: {exc}"
+        ) from exc
     except Exception as exc:  # network errors surface as many types
         raise ModelNotFoundError(f"{repo_id}: cannot download: {exc}") from exc
     return Path(folder)
