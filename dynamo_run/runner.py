@@ -94,6 +94,11 @@ async def load_client(spec: RunSpec) -> ModelClient:
         raise RunError(f"out={engine_name} is not available in this build")
     log.info("model %s (%s), engine %s", card.name, card.path, engine_name)
     engine = await asyncio.to_thread(start_engine, engine_name, card, spec)
+    # An engine may hold less context per sequence than the model was trained for (llama.cpp
+    # splits n_ctx between parallel sequences): the frontend must check against that.
+    per_sequence = getattr(engine, "context_per_sequence", None)
+    if per_sequence:
+        card.context_length = min(card.context_length, int(per_sequence))
     return ModelClient(card, engine, spec.request_template)
 
 

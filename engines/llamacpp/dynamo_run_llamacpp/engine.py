@@ -1,0 +1,103 @@
+"""The llama.cpp engine: loads a GGUF model, runs the continuous-batching scheduler thread,
+and bridges each request's outputs into an async generator."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import llama_cpp.llama_cpp as L
+
+from dynamo_run.engine import EngineError
+from dynamo_run.model.card import ModelCard
+from dynamo_run.protocol.internal import EngineOutput, PreprocessedRequest
+from dynamo_run_llamacpp.config import LlamaCppSettings
+from dynamo_run_llamacpp.embeddings import Embedder
+from dynamo_run_llamacpp.native import context_params, init_backend, load_model, new_context
+from dynamo_run_llamacpp.scheduler import Scheduler, Sequence
+
+
+class LlamaCppEngine:
+    """Token-level engine over llama.cpp with ``n_parallel`` concurrent sequences."""
+
+    def __init__(self, card: ModelCard, settings: LlamaCppSettings) -> None:
+        if card.kind != "gguf":
+            raise EngineError(
+                f"llamacpp: '{card.path}' is not a GGUF file; the llamacpp engine runs GGUF models"
+            )
+        self.settings = settings
+        init_backend(settings.verbose)
+        self.model = load_model(card.path, settings)
+        try:
+            self.ctx = new_context(self.model, context_params(settings))
+        except EngineError:
+            L.llama_model_free(self.model)
+            raise
+        vocab = L.llama_model_get_vocab(self.model)
+        self.scheduler = Scheduler(
+            self.ctx, vocab, settings.n_parallel, settings.n_batch, settings.seed
+        )
+        self.embedder = Embedder(self.model, settings, min(self.scheduler.n_ctx_seq, 2048))
+        self._closed = False
+
+    @property
+    def in_flight(self) -> int:
+        """Requests waiting for or holding a sequence slot."""
+        return self.scheduler.pending + len(self.scheduler.active)
+
+    @property
+    def context_per_sequence(self) -> int:
+        return self.scheduler.n_ctx_seq
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and per-slot cache sizes; ``overhead_ms_per_step`` is the time a step
+        spends outside ``llama_decode`` (batch building, sampling, hand-off)."""
+        s = self.scheduler
+        c = dict(s.counters)
+        steps = max(1, c["steps"])
+        c["overhead_ms_per_step"] = 1000.0 * (c["step_s"] - c["decode_s"]) / steps
+        c["decode_ms_per_step"] = 1000.0 * c["decode_s"] / steps
+        c.update(
+            active=len(s.active),
+            pending=s.pending,
+            n_parallel=len(s.slots),
+            context_per_sequence=s.n_ctx_seq,
+            cached_per_slot=[slot.n for slot in s.slots],
+            busy_slots=sum(1 for slot in s.slots if slot.seq is not None),
+        )
+        return c
+
+    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+        if self._closed:
+            raise EngineError("llamacpp: the engine is closed")
+        queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
+        seq = Sequence(request, asyncio.get_running_loop(), queue)
+        self.scheduler.submit(seq)
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                finished = out.finish_reason is not None
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.scheduler.cancel(seq)
+
+    async def embed(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """One L2-normalised, mean-pooled vector per tokenised input."""
+        if self._closed:
+            raise EngineError("llamacpp: the engine is closed")
+        inputs = [list(ids) for ids in token_ids]
+        return await asyncio.wrap_future(self.scheduler.call(lambda: self.embedder.embed(inputs)))
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.to_thread(self.scheduler.stop)
+        self.embedder.close()
+        L.llama_free(self.ctx)
+        L.llama_model_free(self.model)

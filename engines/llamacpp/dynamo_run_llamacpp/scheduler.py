@@ -1,0 +1,445 @@
+"""The continuous-batching loop: one thread owns the llama.cpp context and, every step,
+decodes ONE batch holding the next token of every generating sequence plus a chunk of
+prompt for sequences still prefilling, then samples a token for each sequence that needs
+one and hands the outputs to the requests' asyncio queues.
+
+Each parallel sequence id is a *slot* whose KV cache outlives the request that filled it,
+so a new request is placed in the free slot sharing the longest prefix with its prompt
+and only the rest of its prompt is decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import llama_cpp.llama_cpp as L
+import numpy as np
+
+from dynamo_run.engine import EngineError
+from dynamo_run.protocol.internal import (
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    EngineOutput,
+    PreprocessedRequest,
+    TokenLogprob,
+)
+from dynamo_run_llamacpp.native import Batch
+from dynamo_run_llamacpp.sampling import build_chain, needs_chain, token_logprob
+
+_NO_TOKEN = -1
+
+
+class Sequence:
+    """One request while the scheduler holds it."""
+
+    __slots__ = (
+        "cached",
+        "cancelled",
+        "chain",
+        "generated",
+        "loop",
+        "max_tokens",
+        "min_tokens",
+        "n_fed",
+        "n_logprobs",
+        "next_token",
+        "prompt",
+        "queue",
+        "request",
+        "slot",
+        "stop_arr",
+        "stop_ids",
+    )
+
+    def __init__(
+        self, request: PreprocessedRequest, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue
+    ) -> None:
+        self.request = request
+        self.loop = loop
+        self.queue = queue
+        self.cancelled = False
+        try:  # range-checked at admission, before the int32 copy is used
+            self.prompt = np.asarray(request.token_ids, dtype=np.int64)
+        except (OverflowError, TypeError, ValueError):
+            self.prompt = np.array([-1], dtype=np.int64)
+        self.slot: Slot | None = None
+        self.chain: Any = None
+        self.n_fed = 0  # prompt tokens whose KV is in the slot
+        self.next_token = _NO_TOKEN  # sampled token still to be decoded
+        self.generated = 0
+        self.cached = 0
+        stop = request.stop
+        self.stop_ids = frozenset() if stop.ignore_eos else frozenset(stop.stop_token_ids)
+        self.stop_arr = np.fromiter(self.stop_ids, dtype=np.int64)
+        self.max_tokens = stop.max_tokens
+        self.min_tokens = stop.min_tokens
+        self.n_logprobs = request.logprobs
+
+
+class Slot:
+    """A llama.cpp sequence id and the tokens whose KV it currently holds."""
+
+    __slots__ = ("last_used", "n", "seq", "seq_id", "tokens")
+
+    def __init__(self, seq_id: int, capacity: int) -> None:
+        self.seq_id = seq_id
+        self.tokens = np.zeros(capacity, dtype=np.int32)
+        self.n = 0
+        self.seq: Sequence | None = None
+        self.last_used = 0
+
+
+def _deliver(items: list[tuple[asyncio.Queue, EngineOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)
+
+
+class Scheduler:
+    """Owns the context from a dedicated thread; other threads only submit and cancel."""
+
+    def __init__(
+        self,
+        ctx: L.llama_context_p,
+        vocab: L.llama_vocab_p,
+        n_parallel: int,
+        n_batch: int,
+        default_seed: int | None,
+    ) -> None:
+        self.ctx = ctx
+        self.vocab = vocab
+        self.mem = L.llama_get_memory(ctx)
+        self.n_vocab = L.llama_vocab_n_tokens(vocab)
+        self.n_ctx_seq = L.llama_n_ctx_seq(ctx)
+        self.n_batch = n_batch
+        self.default_seed = default_seed
+        self.batch = Batch(n_batch, n_parallel)
+        self.slots = [Slot(i, self.n_ctx_seq) for i in range(n_parallel)]
+        self.active: list[Sequence] = []
+        self._pending: deque[Sequence] = deque()
+        self._jobs: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._clock = 0
+        self._out: list[tuple[Sequence, EngineOutput]] = []
+        self.counters = {
+            "steps": 0,
+            "decode_s": 0.0,
+            "step_s": 0.0,
+            "generated_tokens": 0,
+            "prefilled_tokens": 0,
+            "cached_tokens": 0,
+            "requests": 0,
+        }
+        self._thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- called from other threads --------------------------------------------------
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def submit(self, seq: Sequence) -> None:
+        with self._cond:
+            if self._stopping:
+                raise EngineError("llamacpp: the engine is closed")
+            self._pending.append(seq)
+            self._cond.notify()
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the scheduler thread between steps (it owns the backend)."""
+        future: Future = Future()
+        with self._cond:
+            if self._stopping:
+                raise EngineError("llamacpp: the engine is closed")
+            self._jobs.append((fn, future))
+            self._cond.notify()
+        return future
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+    # --- the scheduler thread ---------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._pending or self._jobs or self.active or self._stopping):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                jobs = list(self._jobs)
+                self._jobs.clear()
+            for fn, future in jobs:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:
+                        future.set_exception(exc)
+            try:
+                self._sweep_cancelled()
+                self._admit_pending()
+                if self.active:
+                    self._step()
+            except Exception as exc:  # keep serving: fail what was running, reset KV
+                self._fail_all(f"llamacpp engine failure: {exc}")
+            self._flush()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        with self._cond:
+            pending = list(self._pending)
+            self._pending.clear()
+            jobs = list(self._jobs)
+            self._jobs.clear()
+        for _, future in jobs:
+            future.cancel()
+        for seq in [*self.active, *pending]:
+            self._emit(seq, EngineOutput(finish_reason=FINISH_ERROR, error="the engine closed"))
+            self._release(seq)
+        self.active = []
+        self._flush()
+
+    def _emit(self, seq: Sequence, out: EngineOutput) -> None:
+        self._out.append((seq, out))
+
+    def _flush(self) -> None:
+        """Hand this step's outputs over with one wake-up per event loop."""
+        if not self._out:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for seq, out in self._out:
+            by_loop.setdefault(seq.loop, []).append((seq.queue, out))
+        self._out = []
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
+                loop.call_soon_threadsafe(_deliver, items)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.chain is not None:
+            L.llama_sampler_free(seq.chain)
+            seq.chain = None
+        if seq.slot is not None:
+            self._clock += 1
+            seq.slot.last_used = self._clock
+            seq.slot.seq = None
+            seq.slot = None
+
+    def _sweep_cancelled(self) -> None:
+        """Forget requests whose consumers went away, waiting or running."""
+        with self._cond:
+            if any(seq.cancelled for seq in self._pending):
+                self._pending = deque(seq for seq in self._pending if not seq.cancelled)
+        if any(seq.cancelled for seq in self.active):
+            for seq in self.active:
+                if seq.cancelled:
+                    self._release(seq)
+            self.active = [seq for seq in self.active if not seq.cancelled]
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        self._emit(seq, EngineOutput(finish_reason=FINISH_ERROR, error=message, cached_tokens=0))
+        self._release(seq)
+
+    def _fail_all(self, message: str) -> None:
+        for seq in self.active:
+            slot = seq.slot
+            if slot is not None:  # its KV may be half-written: forget it
+                L.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+                slot.n = 0
+            self._fail(seq, message)
+        self.active = []
+
+    def _admit_pending(self) -> None:
+        free = [slot for slot in self.slots if slot.seq is None]
+        while free:
+            with self._cond:
+                if not self._pending:
+                    return
+                seq = self._pending.popleft()
+            if seq.cancelled:
+                continue
+            if self._admit(seq, free):
+                free = [slot for slot in free if slot.seq is None]
+
+    def _admit(self, seq: Sequence, free: list[Slot]) -> bool:
+        """Place ``seq`` in the best free slot; False if it finished without one."""
+        self.counters["requests"] += 1
+        prompt = seq.prompt
+        n = len(prompt)
+        if n == 0:
+            self._fail(seq, "the prompt is empty")
+            return False
+        if n > self.n_ctx_seq:
+            self._fail(
+                seq,
+                f"the prompt has {n} tokens but this engine's context per sequence is "
+                f"{self.n_ctx_seq} tokens",
+            )
+            return False
+        if int(prompt.min()) < 0 or int(prompt.max()) >= self.n_vocab:
+            self._fail(seq, f"a prompt token id is outside the vocabulary (0..{self.n_vocab - 1})")
+            return False
+        seq.prompt = prompt = prompt.astype(np.int32)
+        if seq.max_tokens is not None and seq.max_tokens <= 0:
+            self._emit(seq, EngineOutput(finish_reason=FINISH_LENGTH, cached_tokens=0))
+            return False
+        if needs_chain(seq.request.sampling):
+            try:
+                seq.chain = build_chain(
+                    seq.request.sampling,
+                    self.vocab,
+                    self.n_vocab,
+                    self.n_ctx_seq,
+                    self.default_seed,
+                )
+            except EngineError as exc:
+                self._fail(seq, str(exc))
+                return False
+
+        slot, common = self._best_slot(prompt, free)
+        common = min(common, n - 1)  # always decode the last prompt token for its logits
+        if common < slot.n and not L.llama_memory_seq_rm(self.mem, slot.seq_id, common, -1):
+            L.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)  # cannot cut: drop it all
+            common = 0
+        slot.n = common
+        slot.seq = seq
+        seq.slot = slot
+        seq.n_fed = common
+        seq.cached = common
+        self.counters["cached_tokens"] += common
+        self.active.append(seq)
+        return True
+
+    @staticmethod
+    def _best_slot(prompt: np.ndarray, free: list[Slot]) -> tuple[Slot, int]:
+        """The free slot sharing the longest prefix with ``prompt`` (least recently used
+        among equals, so unrelated requests evict the stalest cache)."""
+        best, best_common = free[0], -1
+        for slot in free:
+            m = min(slot.n, len(prompt))
+            common = 0
+            if m:
+                same = slot.tokens[:m] == prompt[:m]
+                common = m if same.all() else int(same.argmin())
+            if common > best_common or (common == best_common and slot.last_used < best.last_used):
+                best, best_common = slot, common
+        return best, best_common
+
+    def _step(self) -> None:
+        t_start = time.perf_counter()
+        batch = self.batch
+        tokens, pos, logits, seq_col, addr = (
+            batch.tokens,
+            batch.pos,
+            batch.logits,
+            batch.seq,
+            batch.seq_addr,
+        )
+        outputs: list[tuple[Sequence, int]] = []
+        n = 0
+        prefilling = []
+        for seq in self.active:
+            if seq.next_token == _NO_TOKEN:
+                prefilling.append(seq)
+                continue
+            slot = seq.slot
+            tokens[n] = seq.next_token
+            pos[n] = slot.n
+            seq_col[n] = addr[slot.seq_id]
+            logits[n] = 1
+            outputs.append((seq, n))
+            n += 1
+        decoding = n
+        chunks: list[tuple[Sequence, int, int]] = []
+        budget = self.n_batch - n
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            start = seq.n_fed
+            k = min(len(seq.prompt) - start, budget)
+            end = n + k
+            tokens[n:end] = seq.prompt[start : start + k]
+            pos[n:end] = np.arange(start, start + k, dtype=np.int32)
+            seq_col[n:end] = addr[seq.slot.seq_id]
+            logits[n:end] = 0
+            if start + k == len(seq.prompt):
+                logits[end - 1] = 1
+                outputs.append((seq, end - 1))
+            chunks.append((seq, start, k))
+            n = end
+            budget -= k
+
+        t_decode = time.perf_counter()
+        rc = batch.decode(self.ctx, n)
+        t_decoded = time.perf_counter()
+        if rc != 0:
+            raise EngineError(f"llama_decode returned {rc}")
+
+        for seq, _ in outputs[:decoding]:
+            slot = seq.slot
+            slot.tokens[slot.n] = seq.next_token
+            slot.n += 1
+        for seq, start, k in chunks:
+            seq.slot.tokens[start : start + k] = seq.prompt[start : start + k]
+            seq.slot.n = start + k
+            seq.n_fed = start + k
+            self.counters["prefilled_tokens"] += k
+
+        if outputs:
+            self._sample(outputs)
+
+        t_end = time.perf_counter()
+        c = self.counters
+        c["steps"] += 1
+        c["decode_s"] += t_decoded - t_decode
+        c["step_s"] += t_end - t_start
+
+    def _sample(self, outputs: list[tuple[Sequence, int]]) -> None:
+        rows = np.ctypeslib.as_array(L.llama_get_logits(self.ctx), (len(outputs), self.n_vocab))
+        finished = False
+        for j, (seq, index) in enumerate(outputs):
+            row = rows[j]
+            if seq.generated < seq.min_tokens and seq.stop_arr.size:
+                row[seq.stop_arr] = -np.inf
+            if seq.chain is not None:
+                token = L.llama_sampler_sample(seq.chain, self.ctx, index)
+            else:
+                token = int(row.argmax())
+            lp: list[TokenLogprob] | None = None
+            if seq.n_logprobs is not None:
+                lp = [token_logprob(row, token, seq.n_logprobs)]
+            seq.generated += 1
+            finish = None
+            if token in seq.stop_ids:
+                finish = FINISH_STOP
+            elif (seq.max_tokens is not None and seq.generated >= seq.max_tokens) or (
+                seq.slot.n >= self.n_ctx_seq
+            ):
+                finish = FINISH_LENGTH
+            out = EngineOutput(token_ids=[token], finish_reason=finish, logprobs=lp)
+            if seq.generated == 1:
+                out.cached_tokens = seq.cached
+            self._emit(seq, out)
+            if finish is None:
+                seq.next_token = token
+            else:
+                finished = True
+                seq.cancelled = True  # done: the filter below drops it from the active list
+                self._release(seq)
+        self.counters["generated_tokens"] += len(outputs)
+        if finished:
+            self.active = [seq for seq in self.active if not seq.cancelled]
