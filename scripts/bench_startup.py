@@ -108,7 +108,7 @@ def llama_cpp_python_tokens_per_second(tokens: int) -> float:
     def run() -> float:
         llm.reset()
         count = 0
-        start = first = time.perf_counter()
+        first = time.perf_counter()
         for _token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
             count += 1
             if count == 1:
