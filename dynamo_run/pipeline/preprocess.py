@@ -71,6 +71,13 @@ class Preprocessor:
             raise RequestError(str(exc), param="messages") from exc
 
     # --- building engine requests -----------------------------------------------------
+    def check_token_ids(self, token_ids: list[int]) -> None:
+        """Reject ids outside the vocabulary before anything decodes or runs them."""
+        vocab = self.card.tokenizer.get_vocab_size()
+        for tid in token_ids:
+            if not 0 <= tid < vocab:
+                raise RequestError(f"token id {tid} is outside the vocabulary", param="prompt")
+
     def _build(
         self,
         req: SamplingFields,
@@ -92,10 +99,6 @@ class Preprocessor:
             )
         room = ctx - len(token_ids)
         limit = room if max_tokens is None else min(max_tokens, room)
-        vocab = self.card.tokenizer.get_vocab_size()
-        for tid in token_ids:
-            if not 0 <= tid < vocab:
-                raise RequestError(f"token id {tid} is outside the vocabulary", param="prompt")
         sampling = SamplingOptions(
             temperature=req.temperature,
             top_p=req.top_p,
@@ -149,6 +152,8 @@ class Preprocessor:
             if isinstance(prompt, str):
                 ids, text = self.encode(prompt), prompt
             else:
-                ids, text = list(prompt), self.card.tokenizer.decode(list(prompt))
+                ids = list(prompt)
+                self.check_token_ids(ids)
+                text = self.card.tokenizer.decode(ids)
             prepared.append(self._build(req, ids, text, req.max_tokens, req.logprobs, False))
         return prepared

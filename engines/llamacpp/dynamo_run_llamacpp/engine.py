@@ -21,6 +21,9 @@ from dynamo_run_llamacpp.scheduler import Scheduler, Sequence
 class LlamaCppEngine:
     """Token-level engine over llama.cpp with ``n_parallel`` concurrent sequences."""
 
+    # response_format json_object is enforced with a GBNF grammar (grammar.py).
+    supports_json_object = True
+
     def __init__(self, card: ModelCard, settings: LlamaCppSettings) -> None:
         if card.kind != "gguf":
             raise EngineError(
@@ -45,6 +48,11 @@ class LlamaCppEngine:
     def in_flight(self) -> int:
         """Requests waiting for or holding a sequence slot."""
         return self.scheduler.pending + len(self.scheduler.active)
+
+    @property
+    def max_concurrency(self) -> int:
+        """Requests that can generate at once (one per parallel sequence)."""
+        return len(self.scheduler.slots)
 
     @property
     def context_per_sequence(self) -> int:
