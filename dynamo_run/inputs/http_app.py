@@ -1,0 +1,501 @@
+"""The FastAPI application of ``in=http``: OpenAI routes, health, metrics.
+
+Request bodies are read as raw JSON so that ``--request-template`` defaults can be merged in
+before validation; the OpenAPI document still describes them (see ``_openapi``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import struct
+import time
+import uuid
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, ValidationError
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from dynamo_run import __version__
+from dynamo_run.inputs.http_errors import ApiError, install_error_handlers, validation_error
+from dynamo_run.inputs.http_generate import (
+    ChoiceResult,
+    Generation,
+    collect,
+    sse_events,
+    unless_disconnected,
+)
+from dynamo_run.inputs.http_middleware import ServerMiddleware, request_info
+from dynamo_run.inputs.http_render import ChatChunks, CompletionChunks, TokenTexts, dumps
+from dynamo_run.metrics import FrontendMetrics
+from dynamo_run.pipeline.client import ModelClient
+from dynamo_run.protocol.openai import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ErrorResponse,
+    ModelInfo,
+    ModelList,
+)
+
+M = TypeVar("M", bound=BaseModel)
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+MAX_BODY_BYTES = 32 << 20  # larger bodies get a 413
+
+
+class ServerState:
+    """The loading model and what the routes share. ``ready`` answers 503 until loaded."""
+
+    def __init__(
+        self, loading: asyncio.Task[ModelClient], metrics: FrontendMetrics | None = None
+    ) -> None:
+        self.loading = loading
+        self.metrics = metrics or FrontendMetrics()
+        self.created = int(time.time())
+        self.client: ModelClient | None = None
+        loading.add_done_callback(self._loaded)
+
+    def _loaded(self, task: asyncio.Task[ModelClient]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        self.client = task.result()
+        self.metrics.watch_engine(self.client.card.name, self.client.engine)
+
+    def model_name(self) -> str:
+        return self.client.card.name if self.client is not None else ""
+
+    def ready(self) -> ModelClient:
+        if self.client is None:
+            if self.loading.done():
+                raise ApiError(503, "the model failed to load", code="model_load_failed")
+            raise ApiError(
+                503, "the model is loading; retry shortly", code="model_loading",
+                headers={"retry-after": "1"},
+            )  # fmt: skip
+        return self.client
+
+
+class SSEResponse(StreamingResponse):
+    """A streamed response whose generator is always closed when the response ends, so a
+    client that hangs up releases the engine at once rather than at garbage collection."""
+
+    def __init__(self, content: Any) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+def _json_body(body: dict[str, Any], status: int = 200) -> Response:
+    return Response(dumps(body), status_code=status, media_type="application/json")
+
+
+def _json(model: BaseModel, status: int = 200) -> Response:
+    return Response(model.model_dump_json(), status_code=status, media_type="application/json")
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    """The JSON object in the body; 413 past MAX_BODY_BYTES, 400 if not a JSON object."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise _too_large()
+        parts.append(part)
+    raw = b"".join(parts)
+    try:
+        body = json.loads(raw) if raw else None
+    except ValueError as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
+def _too_large() -> ApiError:
+    return ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
+
+
+def _parse(client: ModelClient, body: dict[str, Any], model: type[M]) -> M:
+    """Apply --request-template defaults, validate, and check the model name."""
+    body = client.preprocessor.apply_template(body)
+    try:
+        req = model.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    name = getattr(req, "model", None)
+    if name is not None and name != client.card.name:
+        raise ApiError(
+            404,
+            f"The model `{name}` does not exist; this server serves `{client.card.name}`.",
+            param="model",
+            code="model_not_found",
+        )
+    return req
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in (
+        (400, "Invalid request"),
+        (401, "Missing or wrong API key"),
+        (404, "Unknown model"),
+        (500, "Engine failure"),
+        (503, "The model is loading"),
+    )
+}
+
+
+def _responses(model: type[BaseModel], streams: bool) -> dict[int | str, dict[str, Any]]:
+    ok: dict[str, Any] = {"model": model, "description": "The response"}
+    if streams:
+        event = {
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "data": {
+                    "type": "string",
+                    "description": f"a JSON {model.__name__} chunk; the last event is [DONE]",
+                }
+            },
+        }
+        ok["content"] = {"text/event-stream": {"schema": event}}
+        ok["description"] = "The response; with stream=true, SSE chunks ending in [DONE]"
+    return {200: ok, **_ERRORS}
+
+
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def create_app(state: ServerState, api_key: str | None = None) -> ServerMiddleware:
+    """The ASGI application: FastAPI routes wrapped in the server middleware."""
+    app = FastAPI(
+        title="dynamo-run",
+        version=__version__,
+        description="OpenAI-compatible API of dynamo-run",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    # Browser clients (chat UIs) call the API from other origins, as with vLLM and llama.cpp.
+    app.add_middleware(
+        CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"]
+    )
+    install_error_handlers(app)
+    metrics = state.metrics
+
+    @app.get("/health", responses={503: {"description": "The model is loading"}})
+    async def health() -> Response:
+        """200 once the model is loaded, 503 (with a JSON body) before."""
+        return _health(state)
+
+    @app.get("/live", responses={503: {"description": "The model is loading"}})
+    async def live() -> Response:
+        """Same as /health: the server can answer requests."""
+        return _health(state)
+
+    @app.get("/metrics", response_class=Response)
+    async def prometheus() -> Response:
+        """Prometheus metrics (dynamo_frontend_*)."""
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models", responses={200: {"model": ModelList}, **_ERRORS})
+    async def list_models() -> Response:
+        client = state.ready()
+        return _json(ModelList(data=[_model_info(state, client)]))
+
+    @app.get("/v1/models/{model_id:path}", responses={200: {"model": ModelInfo}, **_ERRORS})
+    async def get_model(model_id: str) -> Response:
+        client = state.ready()
+        if model_id != client.card.name:
+            raise ApiError(404, f"The model `{model_id}` does not exist.", code="model_not_found")
+        return _json(_model_info(state, client))
+
+    @app.post(
+        "/v1/chat/completions",
+        responses=_responses(ChatCompletionResponse, streams=True),
+        openapi_extra=_body_doc(ChatCompletionRequest),
+    )
+    async def chat_completions(request: Request) -> Response:
+        """Chat completion, streamed (SSE) or whole."""
+        arrival = time.perf_counter()
+        client = state.ready()
+        req = _parse(client, await _body(request), ChatCompletionRequest)
+        fmt = req.response_format
+        if fmt is not None and fmt.type == "json_schema":
+            raise ApiError(
+                400,
+                'response_format json_schema is not supported; use {"type": "json_object"}',
+                param="response_format",
+            )
+        if fmt is not None and fmt.type == "json_object":
+            _require_json_object(client)
+        prepared = client.preprocessor.chat(req)
+        info = request_info(request.scope)
+        gen = Generation(
+            client,
+            [prepared],
+            req.n,
+            metrics,
+            arrival,
+            info,
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        )
+        request_id, created = _new_id("chatcmpl"), int(time.time())
+        if req.stream:
+            info.request_type = "stream"
+            chunks = ChatChunks(
+                request_id,
+                created,
+                client.card.name,
+                bool(req.stream_options and req.stream_options.include_usage),
+                TokenTexts(client.card.tokenizer) if gen.logprobs is not None else None,
+                gen.logprobs or 0,
+            )
+            return SSEResponse(sse_events(gen, chunks))
+        outcome = await unless_disconnected(request, collect(gen), info)
+        if outcome is None:
+            return Response(status_code=204)
+        results, usage = outcome
+        texts = TokenTexts(client.card.tokenizer)
+        body = {
+            "id": request_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": client.card.name,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": r.text},
+                    "logprobs": _chat_logprobs(texts, r, gen.logprobs),
+                    "finish_reason": r.finish_reason,
+                }
+                for i, r in enumerate(results)
+            ],
+            "usage": usage,
+        }
+        return _json_body(body)
+
+    @app.post(
+        "/v1/completions",
+        responses=_responses(CompletionResponse, streams=True),
+        openapi_extra=_body_doc(CompletionRequest),
+    )
+    async def completions(request: Request) -> Response:
+        """Text completion of one prompt or a batch of prompts, streamed (SSE) or whole."""
+        arrival = time.perf_counter()
+        client = state.ready()
+        req = _parse(client, await _body(request), CompletionRequest)
+        _check_token_prompt(client, req.prompt)
+        prompts = client.preprocessor.completion(req)
+        info = request_info(request.scope)
+        gen = Generation(
+            client,
+            prompts,
+            req.n,
+            metrics,
+            arrival,
+            info,
+            logprobs=req.logprobs,
+        )
+        request_id, created = _new_id("cmpl"), int(time.time())
+        if req.stream:
+            info.request_type = "stream"
+            chunks = CompletionChunks(
+                request_id,
+                created,
+                client.card.name,
+                bool(req.stream_options and req.stream_options.include_usage),
+                TokenTexts(client.card.tokenizer) if gen.logprobs is not None else None,
+                gen.logprobs or 0,
+                [p.prompt_text for p in gen.choices()] if req.echo else None,
+            )
+            return SSEResponse(sse_events(gen, chunks))
+        outcome = await unless_disconnected(request, collect(gen), info)
+        if outcome is None:
+            return Response(status_code=204)
+        results, usage = outcome
+        texts = TokenTexts(client.card.tokenizer)
+        choices = []
+        for i, r in enumerate(results):
+            prefix = gen.prompts[i // gen.n].prompt_text if req.echo else ""
+            logprobs = None
+            if gen.logprobs is not None and r.logprobs:
+                logprobs, _ = texts.completion_logprobs(r.logprobs, gen.logprobs, len(prefix))
+            choices.append(
+                {
+                    "index": i,
+                    "text": prefix + r.text,
+                    "logprobs": logprobs,
+                    "finish_reason": r.finish_reason,
+                }
+            )
+        body = {
+            "id": request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": client.card.name,
+            "system_fingerprint": None,
+            "choices": choices,
+            "usage": usage,
+        }
+        return _json_body(body)
+
+    @app.post(
+        "/v1/embeddings",
+        responses=_responses(EmbeddingResponse, streams=False),
+        openapi_extra=_body_doc(EmbeddingRequest),
+    )
+    async def embeddings(request: Request) -> Response:
+        """Embeddings, for engines that can compute them."""
+        client = state.ready()
+        req = _parse(client, await _body(request), EmbeddingRequest)
+        return await _embeddings(request, client, req)
+
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    fast_routes = {
+        ("POST", "/v1/chat/completions"): chat_completions,
+        ("POST", "/v1/completions"): completions,
+        ("POST", "/v1/embeddings"): embeddings,
+    }
+    return ServerMiddleware(app, metrics, state.model_name, api_key, fast_routes)
+
+
+def _health(state: ServerState) -> Response:
+    if state.client is not None:
+        body: dict[str, Any] = {"status": "healthy", "model": state.client.card.name}
+        return _json_body(body)
+    failed = state.loading.done()
+    body = {
+        "status": "failed" if failed else "loading",
+        "message": "the model failed to load" if failed else "the model is loading",
+    }
+    return _json_body(body, 503)
+
+
+def _model_info(state: ServerState, client: ModelClient) -> ModelInfo:
+    return ModelInfo(id=client.card.name, created=state.created)
+
+
+def _check_token_prompt(client: ModelClient, prompt: Any) -> None:
+    """Token-id prompts outside the vocabulary are a 400 (before anything decodes them)."""
+    if isinstance(prompt, str):
+        return
+    vocab = client.card.tokenizer.get_vocab_size()
+    for item in prompt:
+        ids = item if isinstance(item, list) else [item]
+        for tid in ids:
+            if isinstance(tid, int) and not 0 <= tid < vocab:
+                raise ApiError(400, f"token id {tid} is outside the vocabulary", param="prompt")
+
+
+def _require_json_object(client: ModelClient) -> None:
+    if not getattr(client.engine, "supports_json_object", False):
+        raise ApiError(
+            400,
+            "response_format json_object is not supported by this engine",
+            param="response_format",
+        )
+
+
+def _chat_logprobs(
+    texts: TokenTexts, result: ChoiceResult, top_n: int | None
+) -> dict[str, Any] | None:
+    if top_n is None or not result.logprobs:
+        return None
+    return {"content": texts.chat_logprobs(result.logprobs, top_n)}
+
+
+async def _embeddings(request: Request, client: ModelClient, req: EmbeddingRequest) -> Response:
+    embed = getattr(client.engine, "embed", None)
+    if embed is None:
+        raise ApiError(400, "model does not support embeddings", param="model")
+    inputs = req.input
+    if isinstance(inputs, str):
+        batch: list[Any] = [inputs]
+    elif inputs and all(isinstance(x, int) for x in inputs):
+        batch = [list(inputs)]
+    else:
+        batch = list(inputs)
+    if not batch:
+        raise ApiError(400, "input is empty", param="input")
+    ctx = client.card.context_length
+    vocab = client.card.tokenizer.get_vocab_size()
+    token_ids: list[list[int]] = []
+    for item in batch:
+        ids = client.preprocessor.encode(item) if isinstance(item, str) else list(item)
+        if not ids:
+            raise ApiError(400, "input contains an empty string or token list", param="input")
+        if len(ids) > ctx:
+            raise ApiError(
+                400,
+                f"an input has {len(ids)} tokens; this model's maximum context length is {ctx}",
+                param="input",
+                code="context_length_exceeded",
+            )
+        if any(not 0 <= t < vocab for t in ids):
+            raise ApiError(400, "input contains a token id outside the vocabulary", param="input")
+        token_ids.append(ids)
+    vectors = await unless_disconnected(request, embed(token_ids), request_info(request.scope))
+    if vectors is None:
+        return Response(status_code=204)
+    if req.dimensions is not None and vectors and req.dimensions != len(vectors[0]):
+        raise ApiError(
+            400,
+            f"dimensions={req.dimensions} is not supported; this model's embeddings have "
+            f"{len(vectors[0])} dimensions",
+            param="dimensions",
+        )
+    data = []
+    for i, vec in enumerate(vectors):
+        value: list[float] | str = list(vec)
+        if req.encoding_format == "base64":
+            value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    total = sum(len(ids) for ids in token_ids)
+    body = {
+        "object": "list",
+        "data": data,
+        "model": client.card.name,
+        "usage": {"prompt_tokens": total, "total_tokens": total},
+    }
+    return _json_body(body)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document plus the request body schemas the routes read by hand."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest):
+        doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, sub in doc.pop("$defs", {}).items():
+            components.setdefault(name, sub)
+        components[model.__name__] = doc
+    app.openapi_schema = schema
+    return schema
