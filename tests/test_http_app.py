@@ -86,6 +86,24 @@ def test_503_while_loading_then_200(card: ModelCard) -> None:
     _run(scenario())
 
 
+def test_ready_the_moment_loading_ends(card: ModelCard) -> None:
+    """A request that lands after the load finished but before the task's done callbacks
+    ran must be served, not told the load failed."""
+
+    async def scenario() -> None:
+        async def load() -> ModelClient:
+            return ModelClient(card, EchoEngine(0))
+
+        loading = asyncio.create_task(load())
+        while not loading.done():
+            await asyncio.sleep(0)
+        state = ServerState(loading)  # its done callback is only scheduled now
+        assert state.client is None
+        assert state.ready() is loading.result()
+
+    _run(scenario())
+
+
 def test_503_after_failed_load() -> None:
     async def scenario() -> None:
         async def load() -> ModelClient:

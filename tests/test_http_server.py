@@ -82,7 +82,7 @@ def test_requests_run_concurrently(slow_echo_server: Server) -> None:
         t.join()
     elapsed = time.monotonic() - start
     assert results == ["a " * 20] * 8
-    assert elapsed < 3.0, elapsed
+    assert elapsed < 4.0, elapsed  # one after another would take 8 s
 
 
 def test_api_key(tmp_path: Path) -> None:
