@@ -7,14 +7,9 @@ bad line never stops the batch.
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import logging
-import struct
 import time
-import uuid
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 from dynamo_run.inputs.batch_lines import (
     FORM_OPENAI,
@@ -24,51 +19,19 @@ from dynamo_run.inputs.batch_lines import (
     LineError,
 )
 from dynamo_run.inputs.batch_records import error_record, openai_record, text_record
-from dynamo_run.inputs.http_render import TokenTexts
-from dynamo_run.pipeline.client import Completion, EngineFailure, ModelClient, copy_for_choice
-from dynamo_run.pipeline.preprocess import PreparedRequest, RequestError
-from dynamo_run.protocol.openai import (
-    AssistantMessage,
-    ChatChoiceLogprobs,
-    ChatCompletionChoice,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionRequest,
-    CompletionResponse,
-    EmbeddingData,
-    EmbeddingRequest,
-    EmbeddingResponse,
-    EmbeddingUsage,
-    PromptTokensDetails,
-    Usage,
+from dynamo_run.pipeline.choices import complete_choices, expand_choices
+from dynamo_run.pipeline.client import EngineFailure, ModelClient
+from dynamo_run.pipeline.preprocess import RequestError, new_request_id
+from dynamo_run.pipeline.responses import (
+    TokenTexts,
+    chat_completion_body,
+    embedding_body,
+    embedding_token_ids,
+    text_completion_body,
 )
+from dynamo_run.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 log = logging.getLogger("dynamo_run.batch")
-
-T = TypeVar("T")
-
-
-async def _all(aws: list[Awaitable[T]]) -> list[T]:
-    """Await all; if one fails, cancel the others before raising (no orphan requests)."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-
-
-def _usage(prompt: int, completion: int, cached: int = 0) -> Usage:
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        total_tokens=prompt + completion,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
-    )
 
 
 class BatchExecutor:
@@ -127,115 +90,39 @@ class BatchExecutor:
             body, request_id = await self._embedding_body(req)
         return openai_record(item, body, request_id)
 
-    async def _run_choices(self, prepared: PreparedRequest, n: int) -> list[Completion]:
-        choices = [copy_for_choice(prepared, i) for i in range(n)]
-        return await _all([self.client.complete(p) for p in choices])
-
     async def _chat_body(self, req: ChatCompletionRequest) -> tuple[dict[str, Any], str]:
         prepared = self.client.preprocessor.chat(req)
-        done = await self._run_choices(prepared, req.n)
-        top = req.top_logprobs or 0
-        choices = [
-            ChatCompletionChoice(
-                index=i,
-                message=AssistantMessage(content=c.text),
-                logprobs=ChatChoiceLogprobs.model_validate(
-                    {"content": self.token_texts.chat_logprobs(c.logprobs, top)}
-                )
-                if req.logprobs
-                else None,
-                finish_reason=c.finish_reason,
-            )
-            for i, c in enumerate(done)
-        ]
-        body = ChatCompletionResponse(
-            id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
-            created=int(time.time()),
-            model=self.model,
-            choices=choices,
-            usage=_usage(
-                prepared.prompt_tokens,
-                sum(c.completion_tokens for c in done),
-                max(c.cached_tokens for c in done),
-            ),
+        done = await complete_choices(self.client, expand_choices([prepared], req.n))
+        body = chat_completion_body(
+            new_request_id("chatcmpl"),
+            int(time.time()),
+            self.model,
+            prepared,
+            done,
+            self.token_texts if req.logprobs else None,
+            req.top_logprobs or 0,
         )
-        return body.model_dump(mode="json"), prepared.engine_request.request_id
+        return body, prepared.engine_request.request_id
 
     async def _completion_body(self, req: CompletionRequest) -> tuple[dict[str, Any], str]:
         prompts = self.client.preprocessor.completion(req)
-        runs = await _all([self._run_choices(p, req.n) for p in prompts])
-        choices = []
-        for p_index, (prepared, done) in enumerate(zip(prompts, runs, strict=True)):
-            for c_index, c in enumerate(done):
-                prefix = prepared.prompt_text if req.echo else ""
-                logprobs = None
-                if req.logprobs is not None:
-                    block, _ = self.token_texts.completion_logprobs(
-                        c.logprobs, req.logprobs, len(prefix)
-                    )
-                    logprobs = CompletionLogprobs.model_validate(block)
-                choices.append(
-                    CompletionChoice(
-                        index=p_index * req.n + c_index,
-                        text=prefix + c.text,
-                        logprobs=logprobs,
-                        finish_reason=c.finish_reason,
-                    )
-                )
-        body = CompletionResponse(
-            id=f"cmpl-{uuid.uuid4().hex[:24]}",
-            created=int(time.time()),
-            model=self.model,
-            choices=choices,
-            usage=_usage(
-                sum(p.prompt_tokens for p in prompts),
-                sum(c.completion_tokens for done in runs for c in done),
-                max(c.cached_tokens for done in runs for c in done),
-            ),
+        done = await complete_choices(self.client, expand_choices(prompts, req.n))
+        body = text_completion_body(
+            new_request_id("cmpl"),
+            int(time.time()),
+            self.model,
+            prompts,
+            done,
+            req.echo,
+            self.token_texts if req.logprobs is not None else None,
+            req.logprobs or 0,
         )
-        return body.model_dump(mode="json"), prompts[0].engine_request.request_id
+        return body, prompts[0].engine_request.request_id
 
     async def _embedding_body(self, req: EmbeddingRequest) -> tuple[dict[str, Any], str]:
         embed = getattr(self.client.engine, "embed", None)
         if embed is None:
             raise LineError("not_supported", f"out={self.engine_name} cannot compute embeddings")
-        inputs = req.input
-        if isinstance(inputs, str):
-            batch: list[str | list[int]] = [inputs]
-        elif inputs and all(isinstance(x, int) for x in inputs):
-            batch = [list(inputs)]  # type: ignore[arg-type]
-        else:
-            batch = list(inputs)  # type: ignore[arg-type]
-        if not batch:
-            raise LineError("invalid_request", "body.input: is empty")
-        pre = self.client.preprocessor
-        ids = [pre.encode(x) if isinstance(x, str) else list(x) for x in batch]
-        ctx = self.client.card.context_length
-        for i, tokens in enumerate(ids):
-            if not tokens:
-                raise LineError("invalid_request", f"body.input[{i}]: is empty")
-            if len(tokens) > ctx:
-                raise LineError(
-                    "context_length_exceeded",
-                    f"body.input[{i}] has {len(tokens)} tokens; this model's maximum context "
-                    f"length is {ctx} tokens",
-                )
-        vectors = await embed(ids)
-        data = []
-        for i, vec in enumerate(vectors):
-            if req.dimensions is not None and req.dimensions != len(vec):
-                raise LineError(
-                    "invalid_request",
-                    f"body.dimensions: this model's embeddings have {len(vec)} dimensions",
-                )
-            value: list[float] | str = [float(v) for v in vec]
-            if req.encoding_format == "base64":
-                value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode("ascii")
-            data.append(EmbeddingData(index=i, embedding=value))
-        prompt_tokens = sum(len(t) for t in ids)
-        body = EmbeddingResponse(
-            data=data,
-            model=self.model,
-            usage=EmbeddingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
-        )
-        return body.model_dump(mode="json"), f"req-{uuid.uuid4().hex[:24]}"
+        token_ids = embedding_token_ids(self.client, req)
+        vectors = await embed(token_ids)
+        return embedding_body(self.model, req, token_ids, vectors), new_request_id()

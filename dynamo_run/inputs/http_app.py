@@ -7,11 +7,9 @@ before validation; the OpenAPI document still describes them (see ``_openapi``).
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import struct
 import time
-import uuid
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -23,17 +21,19 @@ from starlette.types import Receive, Scope, Send
 
 from dynamo_run import __version__
 from dynamo_run.inputs.http_errors import ApiError, install_error_handlers, validation_error
-from dynamo_run.inputs.http_generate import (
-    ChoiceResult,
-    Generation,
-    collect,
-    sse_events,
-    unless_disconnected,
-)
+from dynamo_run.inputs.http_generate import Generation, collect, sse_events, unless_disconnected
 from dynamo_run.inputs.http_middleware import ServerMiddleware, request_info
-from dynamo_run.inputs.http_render import ChatChunks, CompletionChunks, TokenTexts, dumps
+from dynamo_run.inputs.http_render import ChatChunks, CompletionChunks, dumps
 from dynamo_run.metrics import FrontendMetrics
-from dynamo_run.pipeline.client import ModelClient
+from dynamo_run.pipeline.client import Completion, ModelClient
+from dynamo_run.pipeline.preprocess import new_request_id
+from dynamo_run.pipeline.responses import (
+    TokenTexts,
+    chat_completion_body,
+    embedding_body,
+    embedding_token_ids,
+    text_completion_body,
+)
 from dynamo_run.protocol.openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -157,10 +157,6 @@ def _parse(client: ModelClient, body: dict[str, Any], model: type[M]) -> M:
     return req
 
 
-def _new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in (
@@ -249,6 +245,7 @@ def create_app(state: ServerState, api_key: str | None = None) -> ServerMiddlewa
         """Chat completion, streamed (SSE) or whole."""
         arrival = time.perf_counter()
         client = state.ready()
+        info = request_info(request.scope)
         req = _parse(client, await _body(request), ChatCompletionRequest)
         fmt = req.response_format
         if fmt is not None and fmt.type == "json_schema":
@@ -260,51 +257,17 @@ def create_app(state: ServerState, api_key: str | None = None) -> ServerMiddlewa
         if fmt is not None and fmt.type == "json_object":
             _require_json_object(client)
         prepared = client.preprocessor.chat(req)
-        info = request_info(request.scope)
-        gen = Generation(
-            client,
-            [prepared],
-            req.n,
-            metrics,
-            arrival,
-            info,
-            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        )
-        request_id, created = _new_id("chatcmpl"), int(time.time())
+        top_n = (req.top_logprobs or 0) if req.logprobs else None
+        gen = Generation(client, [prepared], req.n, metrics, arrival, info, top_n)
+        head = new_request_id("chatcmpl"), int(time.time()), client.card.name
+        texts = _token_texts(client, top_n)
         if req.stream:
-            info.request_type = "stream"
-            chunks = ChatChunks(
-                request_id,
-                created,
-                client.card.name,
-                bool(req.stream_options and req.stream_options.include_usage),
-                TokenTexts(client.card.tokenizer) if gen.logprobs is not None else None,
-                gen.logprobs or 0,
-            )
-            return SSEResponse(sse_events(gen, chunks))
-        outcome = await unless_disconnected(request, collect(gen), info)
-        if outcome is None:
-            return Response(status_code=204)
-        results, usage = outcome
-        texts = TokenTexts(client.card.tokenizer)
-        body = {
-            "id": request_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": client.card.name,
-            "system_fingerprint": None,
-            "choices": [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": r.text},
-                    "logprobs": _chat_logprobs(texts, r, gen.logprobs),
-                    "finish_reason": r.finish_reason,
-                }
-                for i, r in enumerate(results)
-            ],
-            "usage": usage,
-        }
-        return _json_body(body)
+            return _stream(gen, ChatChunks(*head, _include_usage(req), texts, top_n or 0))
+        return await _whole(
+            request,
+            gen,
+            lambda done: chat_completion_body(*head, prepared, done, texts, top_n or 0),
+        )
 
     @app.post(
         "/v1/completions",
@@ -315,60 +278,22 @@ def create_app(state: ServerState, api_key: str | None = None) -> ServerMiddlewa
         """Text completion of one prompt or a batch of prompts, streamed (SSE) or whole."""
         arrival = time.perf_counter()
         client = state.ready()
+        info = request_info(request.scope)
         req = _parse(client, await _body(request), CompletionRequest)
         prompts = client.preprocessor.completion(req)
-        info = request_info(request.scope)
-        gen = Generation(
-            client,
-            prompts,
-            req.n,
-            metrics,
-            arrival,
-            info,
-            logprobs=req.logprobs,
-        )
-        request_id, created = _new_id("cmpl"), int(time.time())
+        top_n = req.logprobs
+        gen = Generation(client, prompts, req.n, metrics, arrival, info, top_n)
+        head = new_request_id("cmpl"), int(time.time()), client.card.name
+        texts = _token_texts(client, top_n)
         if req.stream:
-            info.request_type = "stream"
-            chunks = CompletionChunks(
-                request_id,
-                created,
-                client.card.name,
-                bool(req.stream_options and req.stream_options.include_usage),
-                TokenTexts(client.card.tokenizer) if gen.logprobs is not None else None,
-                gen.logprobs or 0,
-                [p.prompt_text for p in gen.choices()] if req.echo else None,
-            )
-            return SSEResponse(sse_events(gen, chunks))
-        outcome = await unless_disconnected(request, collect(gen), info)
-        if outcome is None:
-            return Response(status_code=204)
-        results, usage = outcome
-        texts = TokenTexts(client.card.tokenizer)
-        choices = []
-        for i, r in enumerate(results):
-            prefix = gen.prompts[i // gen.n].prompt_text if req.echo else ""
-            logprobs = None
-            if gen.logprobs is not None and r.logprobs:
-                logprobs, _ = texts.completion_logprobs(r.logprobs, gen.logprobs, len(prefix))
-            choices.append(
-                {
-                    "index": i,
-                    "text": prefix + r.text,
-                    "logprobs": logprobs,
-                    "finish_reason": r.finish_reason,
-                }
-            )
-        body = {
-            "id": request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": client.card.name,
-            "system_fingerprint": None,
-            "choices": choices,
-            "usage": usage,
-        }
-        return _json_body(body)
+            echoed = [p.prompt_text for p in gen.choices()] if req.echo else None
+            chunks = CompletionChunks(*head, _include_usage(req), texts, top_n or 0, echoed)
+            return _stream(gen, chunks)
+        return await _whole(
+            request,
+            gen,
+            lambda done: text_completion_body(*head, prompts, done, req.echo, texts, top_n or 0),
+        )
 
     @app.post(
         "/v1/embeddings",
@@ -407,6 +332,29 @@ def _model_info(state: ServerState, client: ModelClient) -> ModelInfo:
     return ModelInfo(id=client.card.name, created=state.created)
 
 
+def _include_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
+def _token_texts(client: ModelClient, top_n: int | None) -> TokenTexts | None:
+    """Token texts for logprobs, when the request asked for them."""
+    return None if top_n is None else TokenTexts(client.card.tokenizer)
+
+
+def _stream(gen: Generation, chunks: ChatChunks | CompletionChunks) -> Response:
+    gen.info.request_type = "stream"
+    return SSEResponse(sse_events(gen, chunks))
+
+
+async def _whole(
+    request: Request, gen: Generation, body: Callable[[list[Completion]], dict[str, Any]]
+) -> Response:
+    """Run every choice to the end and answer with the body built from them (204 if the
+    client hung up first)."""
+    done = await unless_disconnected(request, collect(gen), gen.info)
+    return Response(status_code=204) if done is None else _json_body(body(done))
+
+
 def _require_json_object(client: ModelClient) -> None:
     if not getattr(client.engine, "supports_json_object", False):
         raise ApiError(
@@ -416,68 +364,15 @@ def _require_json_object(client: ModelClient) -> None:
         )
 
 
-def _chat_logprobs(
-    texts: TokenTexts, result: ChoiceResult, top_n: int | None
-) -> dict[str, Any] | None:
-    if top_n is None or not result.logprobs:
-        return None
-    return {"content": texts.chat_logprobs(result.logprobs, top_n)}
-
-
 async def _embeddings(request: Request, client: ModelClient, req: EmbeddingRequest) -> Response:
     embed = getattr(client.engine, "embed", None)
     if embed is None:
         raise ApiError(400, "model does not support embeddings", param="model")
-    inputs = req.input
-    if isinstance(inputs, str):
-        batch: list[Any] = [inputs]
-    elif inputs and all(isinstance(x, int) for x in inputs):
-        batch = [list(inputs)]
-    else:
-        batch = list(inputs)
-    if not batch:
-        raise ApiError(400, "input is empty", param="input")
-    ctx = client.card.context_length
-    vocab = client.card.tokenizer.get_vocab_size()
-    token_ids: list[list[int]] = []
-    for item in batch:
-        ids = client.preprocessor.encode(item) if isinstance(item, str) else list(item)
-        if not ids:
-            raise ApiError(400, "input contains an empty string or token list", param="input")
-        if len(ids) > ctx:
-            raise ApiError(
-                400,
-                f"an input has {len(ids)} tokens; this model's maximum context length is {ctx}",
-                param="input",
-                code="context_length_exceeded",
-            )
-        if any(not 0 <= t < vocab for t in ids):
-            raise ApiError(400, "input contains a token id outside the vocabulary", param="input")
-        token_ids.append(ids)
+    token_ids = embedding_token_ids(client, req)
     vectors = await unless_disconnected(request, embed(token_ids), request_info(request.scope))
     if vectors is None:
         return Response(status_code=204)
-    if req.dimensions is not None and vectors and req.dimensions != len(vectors[0]):
-        raise ApiError(
-            400,
-            f"dimensions={req.dimensions} is not supported; this model's embeddings have "
-            f"{len(vectors[0])} dimensions",
-            param="dimensions",
-        )
-    data = []
-    for i, vec in enumerate(vectors):
-        value: list[float] | str = list(vec)
-        if req.encoding_format == "base64":
-            value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
-        data.append({"object": "embedding", "index": i, "embedding": value})
-    total = sum(len(ids) for ids in token_ids)
-    body = {
-        "object": "list",
-        "data": data,
-        "model": client.card.name,
-        "usage": {"prompt_tokens": total, "total_tokens": total},
-    }
-    return _json_body(body)
+    return _json_body(embedding_body(client.card.name, req, token_ids, vectors))
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Deltas -> OpenAI JSON: streamed SSE chunks and whole responses.
+"""Deltas -> streamed OpenAI SSE chunks (whole responses: ``dynamo_run.pipeline.responses``).
 
 Streamed chunks are the per-token path, so they are built from string templates fixed once
 per request plus one C-level JSON string escape per token (about 20x cheaper than dumping a
@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 from json.encoder import encode_basestring_ascii as _q  # type: ignore[attr-defined]
 
-from tokenizers import Tokenizer
-
+from dynamo_run.pipeline.responses import TokenTexts
 from dynamo_run.protocol.internal import TokenLogprob
 
 DONE = b"data: [DONE]\n\n"
@@ -26,72 +25,6 @@ def dumps(value: object) -> str:
 
 def _fr(finish_reason: str | None) -> str:
     return "null" if finish_reason is None else _q(finish_reason)
-
-
-def usage_dict(prompt: int, completion: int, cached: int) -> dict[str, object]:
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
-
-
-class TokenTexts:
-    """Token id -> its text, cached: logprobs name tokens by text, not id."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self._cache: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        text = self._cache.get(token_id)
-        if text is None:
-            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
-            self._cache[token_id] = text
-        return text
-
-    def chat_logprobs(self, items: list[TokenLogprob], top_n: int) -> list[dict[str, object]]:
-        """Entries of ``choices[i].logprobs.content`` for a chat completion."""
-        out = []
-        for item in items:
-            text = self(item.token_id)
-            top = [
-                {"token": (t := self(tid)), "logprob": lp, "bytes": list(t.encode())}
-                for tid, lp in item.top[:top_n]
-            ]
-            out.append(
-                {
-                    "token": text,
-                    "logprob": item.logprob,
-                    "bytes": list(text.encode()),
-                    "top_logprobs": top,
-                }
-            )
-        return out
-
-    def completion_logprobs(
-        self, items: list[TokenLogprob], top_n: int, offset: int
-    ) -> tuple[dict[str, list[object]], int]:
-        """``choices[i].logprobs`` for a text completion, and the text offset after it."""
-        tokens: list[object] = []
-        token_logprobs: list[object] = []
-        tops: list[object] = []
-        offsets: list[object] = []
-        for item in items:
-            text = self(item.token_id)
-            tokens.append(text)
-            token_logprobs.append(item.logprob)
-            tops.append({self(tid): lp for tid, lp in item.top[:top_n]})
-            offsets.append(offset)
-            offset += len(text)
-        block = {
-            "tokens": tokens,
-            "token_logprobs": token_logprobs,
-            "top_logprobs": tops,
-            "text_offset": offsets,
-        }
-        return block, offset
 
 
 class _Chunks:
