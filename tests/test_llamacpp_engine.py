@@ -16,7 +16,9 @@ import pytest
 pytest.importorskip("llama_cpp")
 
 from dynamo_run_llamacpp import create_engine
+from dynamo_run_llamacpp.config import default_threads, parse_settings, usable_cpus
 from dynamo_run_llamacpp.engine import LlamaCppEngine
+from dynamo_run_llamacpp.thread_guard import FIRST_RETRY_S, ThreadGuard
 
 from dynamo_run.engine import EngineConfig, EngineError, load_engine_factory
 from dynamo_run.model.card import ModelCard, load_model_card
@@ -42,7 +44,9 @@ def card() -> ModelCard:
 
 @pytest.fixture(scope="module")
 def engine(card: ModelCard) -> Iterator[LlamaCppEngine]:
-    eng = create_engine(card, EngineConfig(extra={"n_parallel": 4}))
+    # One thread: test machines are small and shared, and ggml threads that fill every
+    # core stall badly whenever something else runs (tests here are about behaviour).
+    eng = create_engine(card, EngineConfig(extra={"n_parallel": 4, "n_threads": 1}))
     yield eng
     asyncio.run(eng.close())
 
@@ -332,3 +336,140 @@ def test_unknown_engine_arg(card: ModelCard) -> None:
         create_engine(card, EngineConfig(extra={"n_parallel": 0}))
     with pytest.raises(EngineError, match="flash_attn"):
         create_engine(card, EngineConfig(extra={"flash_attn": "yes"}))
+
+
+def test_default_settings(card: ModelCard) -> None:
+    s = parse_settings(card.context_length, EngineConfig())
+    # llama.cpp's own default: one thread per physical core we may run on.
+    assert s.n_threads == s.n_threads_batch == default_threads()
+    assert 1 <= s.n_threads <= usable_cpus()
+    # Taking turns with the frontend exactly when llama.cpp's threads fill every CPU.
+    assert s.lockstep == (s.n_threads >= usable_cpus())
+    # Each of the 4 sequences gets the model's context up to 4096 tokens (as Ollama).
+    assert s.n_parallel == 4 and s.seq_context == min(card.context_length, 4096)
+    one = parse_settings(card.context_length, EngineConfig(extra={"n_threads": 1}))
+    assert one.lockstep == (usable_cpus() == 1)
+    forced = parse_settings(card.context_length, EngineConfig(extra={"lockstep": False}))
+    assert forced.lockstep is False
+    with pytest.raises(EngineError, match="lockstep"):
+        parse_settings(card.context_length, EngineConfig(extra={"lockstep": "yes"}))
+
+
+def test_lockstep_waits_for_the_consumer(engine: LlamaCppEngine, card: ModelCard) -> None:
+    """In lockstep the scheduler decodes the next step only after the event loop has run
+    the consumers of the last one; without it, a slow consumer lets the engine run ahead."""
+    ids = chat_ids(card, "Tell me a long story about a lighthouse.")
+
+    def run_ahead(eng: LlamaCppEngine) -> tuple[list[int], int]:
+        async def consume() -> tuple[list[int], int]:
+            got: list[int] = []
+            ahead = 0
+            async for out in eng.generate(request(card, ids, max_tokens=16, ignore_eos=True)):
+                got += out.token_ids
+                ahead = max(ahead, eng.stats()["generated_tokens"] - before - len(got))
+                # A consumer busy with each token for longer than a decode step (about
+                # 10 ms here) but within the hand-off's timeout: it blocks its loop.
+                time.sleep(0.03)
+            return got, ahead
+
+        before = eng.stats()["generated_tokens"]
+        return asyncio.run(consume())
+
+    eng = create_engine(
+        card, EngineConfig(extra={"n_parallel": 2, "n_threads": 1, "lockstep": True})
+    )
+    try:
+        assert eng.settings.lockstep is True
+        locked, locked_ahead = run_ahead(eng)
+        stats = eng.stats()
+    finally:
+        asyncio.run(eng.close())
+    free, free_ahead = run_ahead(engine)  # the module's engine: 1 thread, no lockstep
+    assert engine.settings.lockstep is False
+    # Same answer (up to the drift of a prompt partly reused from the module engine's cache).
+    assert locked[:8] == free[:8]
+    assert locked_ahead <= 1  # at most the step whose outputs are being handed over
+    assert free_ahead >= 2
+    assert stats["handoff_timeouts"] == 0 and stats["handoff_wait_s"] > 0
+    assert stats["decode_only_ms"][1][0] == 15  # the steps after the prompt's
+    assert "steps" in eng.summary()
+
+
+def test_prompt_cache_restores_an_evicted_prompt(card: ModelCard) -> None:
+    """With one slot, a second prompt overwrites the first one's KV; the first comes back
+    from host memory instead of being decoded again, and gives the same answer."""
+    first = chat_ids(card, "Describe a lighthouse on a stormy night in three sentences.")
+    other = chat_ids(card, "List the planets of the solar system in order from the sun.")
+    shared = next(i for i, (a, b) in enumerate(zip(first, other, strict=False)) if a != b)
+
+    def serve(cache_mib: int) -> tuple[list[list[EngineOutput]], dict]:
+        extra = {"n_parallel": 1, "n_threads": 1, "prompt_cache_mib": cache_mib}
+        eng = create_engine(card, EngineConfig(extra=extra))
+        try:
+            runs = [run(eng, request(card, ids, max_tokens=8)) for ids in (first, other, first)]
+            return runs, eng.stats()
+        finally:
+            asyncio.run(eng.close())
+
+    (a, _, again), stats = serve(1024)
+    assert again[0].cached_tokens == len(first) - 1
+    assert tokens(again) == tokens(a)
+    assert stats["restored_tokens"] == len(first) - 1
+    assert stats["prompt_cache_entries"] == 2  # each prompt's state when it was overwritten
+
+    (_, _, again), stats = serve(0)  # no cache: only the shared template head is reused
+    assert again[0].cached_tokens == shared
+    assert stats["restored_tokens"] == 0 and stats["prompt_cache_entries"] == 0
+
+
+def test_prompt_cache_stays_within_its_budget(card: ModelCard) -> None:
+    # 1 MiB holds about 45 tokens of SmolLM2's KV (23 KB each): the cache must evict.
+    extra = {"n_parallel": 1, "n_threads": 1, "prompt_cache_mib": 1, "n_ctx": 256}
+    eng = create_engine(card, EngineConfig(extra=extra))
+    try:
+        cache = eng.scheduler.prompt_cache
+        assert cache is not None
+        for i in range(6):
+            ids = chat_ids(card, f"Question number {i}: what is {i} plus {i}?")[-30:]
+            run(eng, request(card, ids, max_tokens=4))
+            assert cache.size <= 1 << 20
+        assert cache.saved >= 4 and len(cache) <= 1
+    finally:
+        asyncio.run(eng.close())
+
+
+def test_thread_guard_halves_threads_while_steps_stall() -> None:
+    now = [0.0]
+    guard = ThreadGuard(4, clock=lambda: now[0])
+    for _ in range(5):
+        assert guard.observe(4, 0.020) is None  # usual: 20 ms for 4 sequences
+    assert guard.observe(4, 0.025) is None  # slower, not stalled
+    assert guard.observe(4, 0.300) is None  # one stalled step is not enough
+    assert guard.observe(4, 0.300) == 2  # two in a row: halve
+    assert guard.observe(4, 0.035) is None  # 2 threads: fine, keep them a while
+    now[0] += FIRST_RETRY_S
+    assert guard.observe(4, 0.035) == 4  # then try all 4 for one step
+    assert guard.observe(4, 0.400) == 2  # still crowded: back to 2, wait twice as long
+    now[0] += FIRST_RETRY_S
+    assert guard.observe(4, 0.035) is None
+    now[0] += FIRST_RETRY_S
+    assert guard.observe(4, 0.035) == 4
+    assert guard.observe(4, 0.021) is None  # the neighbours left: stay at 4
+    assert guard.current == 4 and guard.switches == 4
+    assert ThreadGuard(1).observe(1, 9.0) is None  # one thread has nothing to halve
+
+
+def test_adaptive_threads_setting(card: ModelCard) -> None:
+    s = parse_settings(card.context_length, EngineConfig())
+    assert s.adaptive_threads == (s.lockstep and s.n_threads > 1)
+    one = parse_settings(card.context_length, EngineConfig(extra={"n_threads": 1}))
+    assert one.adaptive_threads is False
+    eng = create_engine(
+        card, EngineConfig(extra={"n_parallel": 1, "n_threads": 2, "adaptive_threads": True})
+    )
+    try:
+        run(eng, request(card, chat_ids(card, "Hi."), max_tokens=4))
+        assert eng.stats()["threads_now"] in (1, 2)
+        assert eng.scheduler.guard is not None
+    finally:
+        asyncio.run(eng.close())

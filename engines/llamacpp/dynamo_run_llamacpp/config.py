@@ -26,10 +26,18 @@ class LlamaCppSettings:
     n_ctx: int = 0  # total KV cells over all sequences; 0 = n_parallel * per-sequence context
     n_batch: int = 512  # tokens per llama_decode call (decode tokens + prefill chunk)
     n_ubatch: int = 512
-    n_threads: int = 0  # 0 = usable CPU cores minus one (see default_threads)
-    n_threads_batch: int = 0
+    n_threads: int = 0  # 0 = one per physical core we may use, as llama.cpp (default_threads)
+    n_threads_batch: int = 0  # 0 = n_threads
     n_gpu_layers: int = -1  # -1 = all layers when a GPU backend is present
     flash_attn: bool | None = None  # None = let llama.cpp decide
+    # Take turns with the frontend instead of decoding while it runs (see scheduler.Handoff);
+    # None = when llama.cpp's threads occupy every CPU we may use.
+    lockstep: bool | None = None
+    # Halve the threads while steps stall because other processes want the CPUs too
+    # (thread_guard.py); None = when llama.cpp's threads occupy every CPU we may use.
+    adaptive_threads: bool | None = None
+    # Host memory for KV states of prompts whose slot was reused (prompt_cache.py); 0 = off.
+    prompt_cache_mib: int = 1024
     seed: int | None = None  # default seed for requests that give none
     verbose: bool = False  # let llama.cpp log to stderr
 
@@ -38,7 +46,15 @@ class LlamaCppSettings:
         return self.n_ctx // self.n_parallel
 
 
-_INT_KEYS = ("n_parallel", "n_ctx", "n_batch", "n_ubatch", "n_threads", "n_threads_batch")
+_INT_KEYS = (
+    "n_parallel",
+    "n_ctx",
+    "n_batch",
+    "n_ubatch",
+    "n_threads",
+    "n_threads_batch",
+    "prompt_cache_mib",
+)
 
 
 def _cpu_count() -> int:
@@ -48,12 +64,32 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def _physical_cores(cpus: set[int]) -> int:
+    """Cores (not SMT siblings) among ``cpus``, from sysfs; 0 if it cannot tell."""
+    cores = set()
+    for cpu in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            return 0
+    return len(cores)
+
+
+def usable_cpus() -> int:
+    return _cpu_count()
+
+
 def default_threads() -> int:
-    """One core fewer than we may use: the frontend (HTTP, tokenizer, detokenizer) runs
-    in this same process while llama.cpp decodes, and ggml's worker threads spin at
-    barriers, so a thread that loses its core to the frontend stalls the whole step
-    (measured on 2 cores: 1 thread decoded 4-5x faster than 2 whenever anything else ran)."""
-    return max(1, _cpu_count() - 1)
+    """One thread per physical core we may use, as llama.cpp's own tools do: ggml's
+    matrix kernels gain little from SMT siblings. On 2 cores, 2 threads decode 1.5x
+    (one sequence) to 1.7x (four) faster than 1 (scripts/bench_engine_step.py decode);
+    the frontend sharing those cores is handled by ``lockstep``."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return max(1, _cpu_count())
+    return max(1, _physical_cores(cpus) or len(cpus))
 
 
 def _as_int(key: str, value: Any, minimum: int) -> int:
@@ -87,7 +123,7 @@ def parse_settings(card_context: int, config: EngineConfig) -> LlamaCppSettings:
         s.n_gpu_layers = _as_int("n_gpu_layers", extra["n_gpu_layers"], -1)
     if "seed" in extra and extra["seed"] is not None:
         s.seed = _as_int("seed", extra["seed"], 0)
-    for key in ("flash_attn", "verbose"):
+    for key in ("flash_attn", "verbose", "lockstep", "adaptive_threads"):
         if key in extra and extra[key] is not None:
             if not isinstance(extra[key], bool):
                 raise EngineError(f"llamacpp: '{key}' must be true or false, got {extra[key]!r}")
@@ -95,6 +131,11 @@ def parse_settings(card_context: int, config: EngineConfig) -> LlamaCppSettings:
 
     s.n_threads = s.n_threads or default_threads()
     s.n_threads_batch = s.n_threads_batch or s.n_threads
+    fills_cpus = max(s.n_threads, s.n_threads_batch) >= usable_cpus()
+    if s.lockstep is None:
+        s.lockstep = fills_cpus
+    if s.adaptive_threads is None:
+        s.adaptive_threads = fills_cpus and max(s.n_threads, s.n_threads_batch) > 1
     if not s.n_ctx:
         per_seq = config.context_length or min(card_context, DEFAULT_SEQ_CONTEXT)
         s.n_ctx = s.n_parallel * per_seq

@@ -4,6 +4,7 @@ and bridges each request's outputs into an async generator."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +17,8 @@ from dynamo_run_llamacpp.config import LlamaCppSettings
 from dynamo_run_llamacpp.embeddings import Embedder
 from dynamo_run_llamacpp.native import context_params, init_backend, load_model, new_context
 from dynamo_run_llamacpp.scheduler import Scheduler, Sequence
+
+log = logging.getLogger("dynamo_run.llamacpp")
 
 
 class LlamaCppEngine:
@@ -39,7 +42,15 @@ class LlamaCppEngine:
             raise
         vocab = L.llama_model_get_vocab(self.model)
         self.scheduler = Scheduler(
-            self.ctx, vocab, settings.n_parallel, settings.n_batch, settings.seed
+            self.ctx,
+            vocab,
+            settings.n_parallel,
+            settings.n_batch,
+            settings.seed,
+            lockstep=bool(settings.lockstep),
+            prompt_cache_bytes=settings.prompt_cache_mib << 20,
+            threads=(settings.n_threads, settings.n_threads_batch),
+            adaptive_threads=bool(settings.adaptive_threads),
         )
         self.embedder = Embedder(self.model, settings, min(self.scheduler.n_ctx_seq, 2048))
         self._closed = False
@@ -66,6 +77,8 @@ class LlamaCppEngine:
         steps = max(1, c["steps"])
         c["overhead_ms_per_step"] = 1000.0 * (c["step_s"] - c["decode_s"]) / steps
         c["decode_ms_per_step"] = 1000.0 * c["decode_s"] / steps
+        c["handoff_ms_per_step"] = 1000.0 * c["handoff_wait_s"] / steps
+        c["loop_ms_per_step"] = 1000.0 * c["loop_s"] / steps
         c.update(
             active=len(s.active),
             pending=s.pending,
@@ -73,8 +86,34 @@ class LlamaCppEngine:
             context_per_sequence=s.n_ctx_seq,
             cached_per_slot=[slot.n for slot in s.slots],
             busy_slots=sum(1 for slot in s.slots if slot.seq is not None),
+            threads_now=s.guard.current if s.guard else max(s.threads),
+            thread_switches=s.guard.switches if s.guard else 0,
+            prompt_cache_entries=len(s.prompt_cache or ()),
+            prompt_cache_mib=round((s.prompt_cache.size if s.prompt_cache else 0) / 2**20, 1),
+            decode_only_ms={
+                n: (steps, round(1000.0 * secs / steps, 3))
+                for n, (steps, secs) in sorted(s.decode_only.items())
+            },
         )
         return c
+
+    def summary(self) -> str:
+        """One line of the counters that explain throughput (logged at close, -v)."""
+        c = self.stats()
+        steps = max(1, c["steps"])
+        return (
+            f"{c['steps']} steps, {c['generated_tokens']} tokens generated "
+            f"({c['generated_tokens'] / steps:.2f}/step), {c['prefilled_tokens']} prefilled, "
+            f"{c['cached_tokens']} from cache ({c['restored_tokens']} restored from "
+            f"{c['prompt_cache_entries']} saved prompts, {c['prompt_cache_mib']} MiB); per step: {c['loop_ms_per_step']:.2f} ms, of which "
+            f"decode {c['decode_ms_per_step']:.2f} ms, "
+            f"scheduler {c['overhead_ms_per_step']:.3f} ms, "
+            f"waiting for the frontend {c['handoff_ms_per_step']:.3f} ms "
+            f"({c['handoff_timeouts']} timeouts); decode-only steps by batch size "
+            f"(steps, ms): {c['decode_only_ms']}; threads {self.settings.n_threads}/"
+            f"{self.settings.n_threads_batch} ({c['threads_now']} at the end, "
+            f"{c['thread_switches']} changes), lockstep {self.settings.lockstep}"
+        )
 
     async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
         if self._closed:
@@ -106,6 +145,8 @@ class LlamaCppEngine:
             return
         self._closed = True
         await asyncio.to_thread(self.scheduler.stop)
+        if self.scheduler.counters["steps"]:
+            log.info("llamacpp: %s", self.summary())
         self.embedder.close()
         L.llama_free(self.ctx)
         L.llama_model_free(self.model)

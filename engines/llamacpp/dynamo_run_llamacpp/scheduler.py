@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import threading
 import time
 from collections import deque
@@ -32,9 +33,14 @@ from dynamo_run.protocol.internal import (
     TokenLogprob,
 )
 from dynamo_run_llamacpp.native import Batch
+from dynamo_run_llamacpp.prompt_cache import PromptCache
 from dynamo_run_llamacpp.sampling import build_chain, needs_chain, token_logprob
+from dynamo_run_llamacpp.thread_guard import ThreadGuard
 
 _NO_TOKEN = -1
+HANDOFF_TIMEOUT_S = 0.05
+# A slot's state goes to the prompt cache before a request overwrites this many tokens.
+MIN_LOSS_TO_SAVE = 8
 
 
 class Sequence:
@@ -97,9 +103,49 @@ class Slot:
         self.last_used = 0
 
 
-def _deliver(items: list[tuple[asyncio.Queue, EngineOutput]]) -> None:
+class Handoff:
+    """Lets the scheduler wait until every event loop it handed a step's outputs to has
+    run the consumers of those outputs (detokenise, render, write to the socket).
+
+    When llama.cpp's threads fill every core, frontend work that overlaps a decode step
+    preempts one of ggml's threads while the others spin at the next barrier, so the
+    step loses about twice the frontend's CPU time (and on a busy machine much more).
+    Taking turns costs the frontend's time once."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._epoch = 0
+        self._waiting = 0
+
+    def expect(self, n_loops: int) -> int:
+        with self._cond:
+            self._epoch += 1
+            self._waiting = n_loops
+            return self._epoch
+
+    def ack(self, epoch: int) -> None:
+        """Called on an event loop thread once that loop's consumers have run."""
+        with self._cond:
+            if epoch == self._epoch:
+                self._waiting -= 1
+                if self._waiting <= 0:
+                    self._cond.notify()
+
+    def wait(self, timeout: float) -> bool:
+        """True if every loop acknowledged within ``timeout`` seconds."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._waiting <= 0, timeout)
+
+
+def _deliver(
+    items: list[tuple[asyncio.Queue, EngineOutput]], handoff: Handoff | None, epoch: int
+) -> None:
     for queue, out in items:
-        queue.put_nowait(out)
+        queue.put_nowait(out)  # schedules the waiting consumers' wake-ups
+    if handoff is not None:
+        # Runs after those wake-ups: each consumer has taken its output and reached its
+        # next ``await`` (normally the next ``queue.get()``) by then.
+        asyncio.get_running_loop().call_soon(handoff.ack, epoch)
 
 
 class Scheduler:
@@ -112,6 +158,10 @@ class Scheduler:
         n_parallel: int,
         n_batch: int,
         default_seed: int | None,
+        lockstep: bool = False,
+        prompt_cache_bytes: int = 0,
+        threads: tuple[int, int] = (1, 1),
+        adaptive_threads: bool = False,
     ) -> None:
         self.ctx = ctx
         self.vocab = vocab
@@ -129,14 +179,24 @@ class Scheduler:
         self._stopping = False
         self._clock = 0
         self._out: list[tuple[Sequence, EngineOutput]] = []
+        self._handoff = Handoff() if lockstep else None
+        self.decode_only: dict[int, list] = {}  # batch size -> [steps, seconds in decode]
+        self.threads = threads  # (n_threads, n_threads_batch) as configured
+        self.guard = ThreadGuard(max(threads)) if adaptive_threads and max(threads) > 1 else None
+        self._logit_views: dict[tuple[int | None, int], np.ndarray] = {}
+        self.prompt_cache = PromptCache(ctx, prompt_cache_bytes) if prompt_cache_bytes else None
         self.counters = {
             "steps": 0,
             "decode_s": 0.0,
             "step_s": 0.0,
+            "loop_s": 0.0,  # wall time of loop turns, waiting for work excluded
             "generated_tokens": 0,
             "prefilled_tokens": 0,
             "cached_tokens": 0,
+            "restored_tokens": 0,  # of cached_tokens, those loaded from the prompt cache
             "requests": 0,
+            "handoff_wait_s": 0.0,
+            "handoff_timeouts": 0,
         }
         self._thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
         self._thread.start()
@@ -180,6 +240,7 @@ class Scheduler:
             with self._cond:
                 while not (self._pending or self._jobs or self.active or self._stopping):
                     self._cond.wait()
+                t_loop = time.perf_counter()
                 if self._stopping:
                     break
                 jobs = list(self._jobs)
@@ -197,7 +258,8 @@ class Scheduler:
                     self._step()
             except Exception as exc:  # keep serving: fail what was running, reset KV
                 self._fail_all(f"llamacpp engine failure: {exc}")
-            self._flush()
+            self._flush(wait=bool(self.active))
+            self.counters["loop_s"] += time.perf_counter() - t_loop
         self._shutdown()
 
     def _shutdown(self) -> None:
@@ -217,17 +279,30 @@ class Scheduler:
     def _emit(self, seq: Sequence, out: EngineOutput) -> None:
         self._out.append((seq, out))
 
-    def _flush(self) -> None:
-        """Hand this step's outputs over with one wake-up per event loop."""
+    def _flush(self, wait: bool = False) -> None:
+        """Hand this step's outputs over with one wake-up per event loop; in lockstep mode
+        and with another step to run (``wait``), let the loops consume them first."""
         if not self._out:
             return
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for seq, out in self._out:
             by_loop.setdefault(seq.loop, []).append((seq.queue, out))
         self._out = []
+        handoff = self._handoff if wait else None
+        epoch = handoff.expect(len(by_loop)) if handoff is not None else 0
+        delivered = 0
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
-                loop.call_soon_threadsafe(_deliver, items)
+                loop.call_soon_threadsafe(_deliver, items, handoff, epoch)
+                delivered += 1
+        # (A closed loop never answers: then do not wait this once.)
+        if handoff is not None and delivered == len(by_loop):
+            start = time.perf_counter()
+            # A loop busy with something long (a huge prompt to tokenise) must not stall
+            # every sequence: after HANDOFF_TIMEOUT_S the next step runs regardless.
+            if not handoff.wait(HANDOFF_TIMEOUT_S):
+                self.counters["handoff_timeouts"] += 1
+            self.counters["handoff_wait_s"] += time.perf_counter() - start
 
     def _release(self, seq: Sequence) -> None:
         if seq.chain is not None:
@@ -311,6 +386,7 @@ class Scheduler:
                 return False
 
         slot, common = self._best_slot(prompt, free)
+        common = self._use_prompt_cache(slot, prompt, common)
         common = min(common, n - 1)  # always decode the last prompt token for its logits
         if common < slot.n and not L.llama_memory_seq_rm(self.mem, slot.seq_id, common, -1):
             L.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)  # cannot cut: drop it all
@@ -323,6 +399,28 @@ class Scheduler:
         self.counters["cached_tokens"] += common
         self.active.append(seq)
         return True
+
+    def _use_prompt_cache(self, slot: Slot, prompt: np.ndarray, common: int) -> int:
+        """Save what ``slot`` is about to lose, then load a cached state into it if one
+        covers more of ``prompt``; returns how much of ``prompt`` the slot now holds."""
+        cache = self.prompt_cache
+        if cache is None:
+            return common
+        if slot.n - common >= MIN_LOSS_TO_SAVE:
+            cache.save(slot.seq_id, slot.tokens[: slot.n])
+        hit = cache.best(prompt, common)
+        if hit is None:
+            return common
+        key, shared = hit
+        L.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+        tokens = cache.restore(key, slot.seq_id)
+        if tokens is None:
+            slot.n = 0
+            return 0
+        slot.tokens[: len(tokens)] = tokens
+        slot.n = len(tokens)
+        self.counters["restored_tokens"] += min(shared, len(prompt) - 1)
+        return shared
 
     @staticmethod
     def _best_slot(prompt: np.ndarray, free: list[Slot]) -> tuple[Slot, int]:
@@ -407,18 +505,45 @@ class Scheduler:
         c["steps"] += 1
         c["decode_s"] += t_decoded - t_decode
         c["step_s"] += t_end - t_start
+        if not chunks:  # decode-only steps, by how many sequences they carried
+            count_time = self.decode_only.setdefault(decoding, [0, 0.0])
+            count_time[0] += 1
+            count_time[1] += t_decoded - t_decode
+            if self.guard is not None:
+                threads = self.guard.observe(decoding, t_decoded - t_decode)
+                if threads is not None:
+                    n_threads, n_batch = self.threads
+                    L.llama_set_n_threads(self.ctx, min(n_threads, threads), min(n_batch, threads))
+
+    def _logits(self, n_rows: int) -> np.ndarray:
+        """This step's logits rows as a numpy view (views are reused while llama.cpp keeps
+        its output buffer in place: making one costs more than the argmax)."""
+        ptr = L.llama_get_logits(self.ctx)
+        key = (ctypes.cast(ptr, ctypes.c_void_p).value, n_rows)
+        view = self._logit_views.get(key)
+        if view is None:
+            if len(self._logit_views) >= 64:
+                self._logit_views.clear()
+            view = self._logit_views[key] = np.ctypeslib.as_array(ptr, (n_rows, self.n_vocab))
+        return view
 
     def _sample(self, outputs: list[tuple[Sequence, int]]) -> None:
-        rows = np.ctypeslib.as_array(L.llama_get_logits(self.ctx), (len(outputs), self.n_vocab))
+        rows = self._logits(len(outputs))
+        greedy: list[int] | None = None  # every row's argmax, computed at most once
         finished = False
         for j, (seq, index) in enumerate(outputs):
             row = rows[j]
-            if seq.generated < seq.min_tokens and seq.stop_arr.size:
+            masked = seq.generated < seq.min_tokens and seq.stop_arr.size
+            if masked:
                 row[seq.stop_arr] = -np.inf
             if seq.chain is not None:
                 token = L.llama_sampler_sample(seq.chain, self.ctx, index)
-            else:
+            elif masked:
                 token = int(row.argmax())
+            else:
+                if greedy is None:
+                    greedy = rows.argmax(axis=1).tolist()
+                token = greedy[j]
             lp: list[TokenLogprob] | None = None
             if seq.n_logprobs is not None:
                 lp = [token_logprob(row, token, seq.n_logprobs)]
