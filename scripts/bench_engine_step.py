@@ -4,8 +4,9 @@
 the Python time each scheduler step spends outside llama_decode.
 
 ``decode``: the bare cost of one ``llama_decode`` step holding one token of each of B
-sequences, for context settings given as JSON (threads, n_ctx, kv_unified, flash_attn,
-n_ubatch ...): what a scheduler step can cost at best, before any Python.
+sequences, for context settings given as JSON (n_threads, n_ctx, kv_unified, flash_attn,
+n_ubatch, and "shuffled": the sequences out of id order in the batch): what a scheduler
+step can cost at best, before any Python.
 
     .venv/bin/python scripts/bench_engine_step.py [engine] [--tokens 64] [--concurrency 4]
         [--extra '{"n_threads": 2}'] [--model PATH]
@@ -144,11 +145,17 @@ def decode_main(args: argparse.Namespace) -> None:
                     batch.logits[:k] = 0
                     batch.logits[k - 1] = 1
                     assert batch.decode(ctx, k) == 0
+            # The sequences' order in the batch: by id, or a fixed shuffle of the ids.
+            order = np.arange(b)
+            if cfg.get("shuffled"):
+                order = np.random.default_rng(1).permutation(b)
+                if b > 1 and (order == np.arange(b)).all():
+                    order = np.roll(order, 1)
             times = []
             for step in range(args.steps):
                 batch.tokens[:b] = 200 + step
                 batch.pos[:b] = prompt + step
-                batch.seq[:b] = batch.seq_addr[:b]
+                batch.seq[:b] = batch.seq_addr[order]
                 batch.logits[:b] = 1
                 t = time.perf_counter()
                 assert batch.decode(ctx, b) == 0

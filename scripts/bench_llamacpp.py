@@ -9,7 +9,8 @@ neighbour hurts every system alike; the report gives the best and the median rou
 
     .venv/bin/python scripts/bench_llamacpp.py [--clients 1,4] [--rounds 2] [--duration 12]
         [--threads 2] [--targets dynamo,llama_server,llama_cpp_server]
-        [--variant NAME='{"n_threads": 1}' ...] [--py-spy FILE.svg] [--out FILE.md]
+        [--variant NAME='{"n_threads": 1}' ...] [--env NAME:KEY=VALUE ...]
+        [--py-spy FILE.txt|.svg] [--out FILE.md]
 
 ``--variant`` adds a dynamo-run target with extra engine arguments, to compare settings in
 one interleaved run. The client is a small asyncio HTTP/1.1 reader (no JSON parsing per
@@ -104,7 +105,8 @@ def make_target(name: str, args: argparse.Namespace, tmp: Path) -> Target | str:
         if args.model:
             argv.append(str(args.model))
         # INFO logging makes the engine log its step counters when it closes.
-        return Target(name, argv, "/health", port, env={"DYN_LOG": "info"})
+        env = {"DYN_LOG": "info", **args.envs.get(name, {})}
+        return Target(name, argv, "/health", port, env=env)
     if name == "llama_server":
         binary = llama_server_binary()
         if binary is None:
@@ -192,8 +194,9 @@ async def get(port: int, path: str) -> tuple[int, bytes]:
 class Sample:
     ttft: float  # request sent -> first text event
     times: list[float]  # when each text event arrived
-    usage_tokens: int | None  # completion_tokens, when the stream ran to its end
+    usage_tokens: int | None  # completion_tokens, when the server reports usage
     text: bytes
+    finished: bool = False  # a finish_reason arrived: the answer ran to its end
     prompt: int = -1  # index into PROMPTS
 
 
@@ -248,6 +251,7 @@ class Connection:
             raise RuntimeError(f"HTTP {status}: {payload[:300]!r}")
         times: list[float] = []
         usage_tokens = None
+        finished = False
         text = bytearray()
         pending = b""
         async for piece in self._pieces(reader, chunked, length):
@@ -267,13 +271,16 @@ class Connection:
                         j = event.find(b'"', i + 7)
                         with contextlib.suppress(ValueError):
                             text += json.loads(event[j : event.find(b'",', j) + 1]).encode()
+                k = event.find(b'"finish_reason":')
+                if k >= 0 and event[k + 16 : k + 21].strip() not in (b"null", b"null,", b"null}"):
+                    finished = True
                 if b'"completion_tokens"' in event:
                     usage = json.loads(event[6:]).get("usage") or {}
                     usage_tokens = usage.get("completion_tokens", usage_tokens)
         if headers.get(b"connection") == b"close":
             self.close()
         ttft = (times[0] if times else time.perf_counter()) - start
-        return Sample(ttft, times, usage_tokens, bytes(text))
+        return Sample(ttft, times, usage_tokens, bytes(text), finished=finished)
 
     @staticmethod
     async def _pieces(reader: asyncio.StreamReader, chunked: bool, length: int):  # type: ignore[no-untyped-def]
@@ -342,19 +349,22 @@ async def load_phase(
     tokens = sum(1 for s in samples for t in s.times if t <= deadline)
     gaps = sorted(b - a for s in samples for a, b in itertools.pairwise(s.times))
     ttfts = sorted(s.ttft for s in samples if s.times)
-    whole = [s for s in samples if s.usage_tokens is not None]
+    # llama_cpp.server sends no usage in a stream, so a finish_reason marks a whole answer.
+    whole = [s for s in samples if s.finished or s.usage_tokens is not None]
+    counted = [s for s in whole if s.usage_tokens is not None]
     return {
         "clients": clients,
         "requests": len(samples),
         "completed": len(whole),
+        "with_usage": len(counted),
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
         "tokens": tokens,
         "elapsed_s": elapsed,
         "tokens_per_s": tokens / args.duration,
         # 1.0 when every token came as its own event (so counting events counts tokens)
-        "events_per_token": sum(len(s.times) for s in whole)
-        / max(1, sum(s.usage_tokens or 0 for s in whole)),
+        "events_per_token": sum(len(s.times) for s in counted)
+        / max(1, sum(s.usage_tokens or 0 for s in counted)),
         "ttft_p50_ms": 1000 * pct(ttfts, 50),
         "itl_p50_ms": 1000 * pct(gaps, 50),
         "itl_p99_ms": 1000 * pct(gaps, 99),
@@ -533,11 +543,15 @@ def summarise(rows: list[dict], names: list[str], clients: list[int]) -> list[st
                 quiet = [
                     (x, y) for x, y in pairs if max(x["other_cores"], y["other_cores"]) < QUIET
                 ]
+                quiet_text = (
+                    f"paired over the {len(quiet)} quiet round(s) {paired_median(quiet):.2f}x"
+                    if quiet
+                    else "no quiet round"
+                )
                 lines.append(
                     f"- {name} / {other}, {c} client(s): best {ratio(max(ta), max(tb)):.2f}x, "
                     f"median {ratio(statistics.median(ta), statistics.median(tb)):.2f}x, "
-                    f"paired {paired_median(pairs):.2f}x, paired over the {len(quiet)} quiet "
-                    f"round(s) {paired_median(quiet):.2f}x"
+                    f"paired {paired_median(pairs):.2f}x, {quiet_text}"
                 )
     return lines
 
@@ -546,6 +560,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", default="dynamo,llama_server,llama_cpp_server")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE",
+        help="environment for a dynamo-run target (e.g. PYTHONPATH of another engine version)",
+    )
     parser.add_argument("--clients", default="1,4")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
@@ -563,6 +584,11 @@ def main() -> int:
     for spec in args.variant:
         name, _, raw = spec.partition("=")
         args.variants[name] = json.loads(raw)
+    args.envs = {}
+    for spec in args.env:
+        name, _, assignment = spec.partition(":")
+        key, _, value = assignment.partition("=")
+        args.envs.setdefault(name, {})[key] = value
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
     names += [n for n in args.variants if n not in names]
 
@@ -599,7 +625,7 @@ def main() -> int:
         "",
         *summarise(rows, names, args.clients),
     ]
-    off = {r["target"] for r in rows if r["completed"] and abs(r["events_per_token"] - 1) > 0.02}
+    off = {r["target"] for r in rows if r["with_usage"] and abs(r["events_per_token"] - 1) > 0.02}
     if off:
         report.append(f"- note: {sorted(off)} sent some tokens merged into one event")
     report += [f"- engine counters, {line}" for line in ENGINE_LINES]

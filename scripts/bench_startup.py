@@ -136,7 +136,9 @@ def main() -> None:
     )
     results["llama-server --help (s)"] = llama_server_help(args.runs)
     results["shell ready, out=echo (s)"] = shell_ready_seconds("echo", args.runs)
-    results["shell ready, out=llamacpp (s)"] = shell_ready_seconds("llamacpp", max(1, args.runs // 2))
+    results["shell ready, out=llamacpp (s)"] = shell_ready_seconds(
+        "llamacpp", max(1, args.runs // 2)
+    )
     rate, ttft = asyncio.run(dynamo_tokens_per_second(args.tokens))
     results["dynamo-run single stream (tokens/s)"] = rate
     results["dynamo-run time to first token (s)"] = ttft

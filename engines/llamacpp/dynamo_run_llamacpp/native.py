@@ -54,6 +54,7 @@ def context_params(settings: LlamaCppSettings) -> L.llama_context_params:
     params.n_threads = settings.n_threads
     params.n_threads_batch = settings.n_threads_batch
     params.no_perf = True
+    params.kv_unified = settings.kv_unified
     if settings.flash_attn is None:
         params.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_AUTO
     elif settings.flash_attn:

@@ -93,14 +93,13 @@ class Sequence:
 class Slot:
     """A llama.cpp sequence id and the tokens whose KV it currently holds."""
 
-    __slots__ = ("last_used", "n", "seq", "seq_id", "tokens")
+    __slots__ = ("n", "seq", "seq_id", "tokens")
 
     def __init__(self, seq_id: int, capacity: int) -> None:
         self.seq_id = seq_id
         self.tokens = np.zeros(capacity, dtype=np.int32)
         self.n = 0
         self.seq: Sequence | None = None
-        self.last_used = 0
 
 
 class Handoff:
@@ -137,6 +136,10 @@ class Handoff:
             return self._cond.wait_for(lambda: self._waiting <= 0, timeout)
 
 
+def _slot_order(seq: Sequence) -> int:
+    return seq.slot.seq_id  # type: ignore[union-attr]
+
+
 def _deliver(
     items: list[tuple[asyncio.Queue, EngineOutput]], handoff: Handoff | None, epoch: int
 ) -> None:
@@ -167,7 +170,9 @@ class Scheduler:
         self.vocab = vocab
         self.mem = L.llama_get_memory(ctx)
         self.n_vocab = L.llama_vocab_n_tokens(vocab)
-        self.n_ctx_seq = L.llama_n_ctx_seq(ctx)
+        # Per sequence: with a unified KV buffer llama.cpp would let one sequence take it
+        # all; capping each at its share keeps every slot able to reach its limit.
+        self.n_ctx_seq = L.llama_n_ctx(ctx) // n_parallel
         self.n_batch = n_batch
         self.default_seed = default_seed
         self.batch = Batch(n_batch, n_parallel)
@@ -177,7 +182,6 @@ class Scheduler:
         self._jobs: deque[tuple[Callable[[], Any], Future]] = deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._clock = 0
         self._out: list[tuple[Sequence, EngineOutput]] = []
         self._handoff = Handoff() if lockstep else None
         self.decode_only: dict[int, list] = {}  # batch size -> [steps, seconds in decode]
@@ -309,8 +313,6 @@ class Scheduler:
             L.llama_sampler_free(seq.chain)
             seq.chain = None
         if seq.slot is not None:
-            self._clock += 1
-            seq.slot.last_used = self._clock
             seq.slot.seq = None
             seq.slot = None
 
@@ -424,8 +426,9 @@ class Scheduler:
 
     @staticmethod
     def _best_slot(prompt: np.ndarray, free: list[Slot]) -> tuple[Slot, int]:
-        """The free slot sharing the longest prefix with ``prompt`` (least recently used
-        among equals, so unrelated requests evict the stalest cache)."""
+        """The free slot sharing the longest prefix with ``prompt``; the lowest id among
+        equals, so that busy slots stay a run of consecutive ids, which llama.cpp decodes
+        as one batch (see _step). What a request overwrites goes to the prompt cache."""
         best, best_common = free[0], -1
         for slot in free:
             m = min(slot.n, len(prompt))
@@ -433,7 +436,7 @@ class Scheduler:
             if m:
                 same = slot.tokens[:m] == prompt[:m]
                 common = m if same.all() else int(same.argmin())
-            if common > best_common or (common == best_common and slot.last_used < best.last_used):
+            if common > best_common:  # ``free`` is in id order
                 best, best_common = slot, common
         return best, best_common
 
@@ -447,39 +450,52 @@ class Scheduler:
             batch.seq,
             batch.seq_addr,
         )
-        outputs: list[tuple[Sequence, int]] = []
-        n = 0
-        prefilling = []
+        # Plan: every generating sequence decodes its next token; the rest of the batch
+        # goes to prompts still prefilling, first come (self.active's order) first served.
+        budget = self.n_batch - sum(1 for seq in self.active if seq.next_token != _NO_TOKEN)
+        chunk_of: dict[int, int] = {}  # id(seq) -> prompt tokens it decodes in this step
         for seq in self.active:
-            if seq.next_token == _NO_TOKEN:
-                prefilling.append(seq)
-                continue
-            slot = seq.slot
-            tokens[n] = seq.next_token
-            pos[n] = slot.n
-            seq_col[n] = addr[slot.seq_id]
-            logits[n] = 1
-            outputs.append((seq, n))
-            n += 1
-        decoding = n
-        chunks: list[tuple[Sequence, int, int]] = []
-        budget = self.n_batch - n
-        for seq in prefilling:
             if budget <= 0:
                 break
+            if seq.next_token == _NO_TOKEN:
+                k = min(len(seq.prompt) - seq.n_fed, budget)
+                chunk_of[id(seq)] = k
+                budget -= k
+        # Write the batch in sequence-id order (admission order drifts from it as requests
+        # come and go): with one KV buffer per sequence (kv_unified false) llama.cpp splits
+        # a batch into runs of ascending consecutive ids and computes each run apart, so
+        # four sequences in reverse order cost four steps of one (bench_engine_step.py
+        # decode with "shuffled"). The unified buffer does not care; sorting costs ~1 us.
+        outputs: list[tuple[Sequence, int]] = []
+        decoded: list[Sequence] = []
+        chunks: list[tuple[Sequence, int, int]] = []
+        n = 0
+        for seq in sorted(self.active, key=_slot_order):
+            slot = seq.slot
+            if seq.next_token != _NO_TOKEN:
+                tokens[n] = seq.next_token
+                pos[n] = slot.n
+                seq_col[n] = addr[slot.seq_id]
+                logits[n] = 1
+                outputs.append((seq, n))
+                decoded.append(seq)
+                n += 1
+                continue
+            k = chunk_of.get(id(seq), 0)
+            if not k:
+                continue
             start = seq.n_fed
-            k = min(len(seq.prompt) - start, budget)
             end = n + k
             tokens[n:end] = seq.prompt[start : start + k]
             pos[n:end] = np.arange(start, start + k, dtype=np.int32)
-            seq_col[n:end] = addr[seq.slot.seq_id]
+            seq_col[n:end] = addr[slot.seq_id]
             logits[n:end] = 0
             if start + k == len(seq.prompt):
                 logits[end - 1] = 1
                 outputs.append((seq, end - 1))
             chunks.append((seq, start, k))
             n = end
-            budget -= k
+        decoding = len(decoded)
 
         t_decode = time.perf_counter()
         rc = batch.decode(self.ctx, n)
@@ -487,7 +503,7 @@ class Scheduler:
         if rc != 0:
             raise EngineError(f"llama_decode returned {rc}")
 
-        for seq, _ in outputs[:decoding]:
+        for seq in decoded:
             slot = seq.slot
             slot.tokens[slot.n] = seq.next_token
             slot.n += 1

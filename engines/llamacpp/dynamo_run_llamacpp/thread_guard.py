@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 STALL_FACTOR = 4.0  # a step this many times slower than usual counts as stalled
 STALL_STEPS = 2  # consecutive stalled steps before threads are halved
-FIRST_RETRY_S = 3.0
+FIRST_RETRY_S = 1.0
 MAX_RETRY_S = 48.0
 BASE_DRIFT = 1.002  # how fast "usual" may rise per step (the machine may slow down)
 
