@@ -496,6 +496,24 @@ def paired_median(pairs: list[tuple[dict, dict]]) -> float:
     return statistics.median(ratios) if ratios else math.nan
 
 
+def compare_answers(answers: dict[int, dict[str, str]], names: list[str]) -> list[str]:
+    """Each system's greedy answers against the first target's, prompt by prompt (the
+    first 80 characters of every whole answer)."""
+    if not names:
+        return []
+    ref = names[0]
+    lines = []
+    for name in names[1:]:
+        both = sorted(p for p, a in answers.items() if ref in a and name in a)
+        differ = [p for p in both if answers[p][ref] != answers[p][name]]
+        line = f"- greedy answers, {name} vs {ref}: the same for {len(both) - len(differ)} of {len(both)} prompt(s)"
+        if differ:
+            p = differ[0]
+            line += f"; e.g. prompt {p}: {ref} {answers[p][ref]!r}, {name} {answers[p][name]!r}"
+        lines.append(line)
+    return lines
+
+
 def summarise(rows: list[dict], names: list[str], clients: list[int]) -> list[str]:
     lines = [
         "| target | clients | tokens/s best | tokens/s median | all rounds | ITL p50 ms "
@@ -635,15 +653,7 @@ def main() -> int:
     for r in rows:
         for prompt, answer in r["answers"].items():
             answers.setdefault(prompt, {}).setdefault(r["target"], answer)
-    differ = {p: a for p, a in answers.items() if len(set(a.values())) > 1}
-    if differ:
-        report.append(
-            f"- note: the answers differ for {len(differ)} prompt(s): {json.dumps(differ)}"
-        )
-    else:
-        report.append(
-            f"- every system gave the same answer to each prompt ({len(answers)} compared)"
-        )
+    report += compare_answers(answers, names)
     text = "\n".join(report)
     print(text)
     if args.out:
