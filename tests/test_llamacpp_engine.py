@@ -524,3 +524,54 @@ def test_batch_is_written_in_sequence_order(card: ModelCard) -> None:
         asyncio.run(eng.close())
     assert any(len(set(ids)) == 3 for ids in seen)  # steps with all three decoding
     assert all(ids == sorted(ids) for ids in seen)
+
+
+def test_long_prompt_prefill_does_not_stall_others(card: ModelCard) -> None:
+    """A long prompt is prefilled a chunk per step (n_batch tokens minus one per generating
+    sequence), so a sequence already streaming keeps getting a token every step meanwhile,
+    and the chunked prompt gives the same answer as when it runs alone."""
+    extra = {"n_parallel": 2, "n_threads": 1, "n_batch": 32, "n_ubatch": 32}
+    eng = create_engine(card, EngineConfig(extra=extra))
+    long_question = "Summarise this. " + " ".join(
+        f"Item {i} is a small red box on shelf {i % 7}." for i in range(40)
+    )
+    long_ids = chat_ids(card, long_question)
+    assert len(long_ids) > 400  # > 12 chunks of at most 31 tokens
+    streaming = request(card, chat_ids(card, "Count from one to fifty."), 200, ignore_eos=True)
+
+    async def scenario() -> tuple[int, list[int]]:
+        during = 0
+        long_started = asyncio.Event()
+        long_done_prefill = asyncio.Event()
+
+        async def stream() -> None:
+            nonlocal during
+            got = 0
+            async for out in eng.generate(streaming):
+                got += len(out.token_ids)
+                if got == 3:
+                    long_started.set()
+                if long_started.is_set() and not long_done_prefill.is_set() and got > 3:
+                    during += len(out.token_ids)
+                if long_done_prefill.is_set():
+                    break
+
+        async def long_one() -> list[int]:
+            await long_started.wait()
+            got: list[int] = []
+            async for out in eng.generate(request(card, long_ids, 8)):
+                long_done_prefill.set()
+                got += out.token_ids
+            return got
+
+        _, answer = await asyncio.gather(stream(), long_one())
+        return during, answer
+
+    try:
+        during, chunked_answer = asyncio.run(scenario())
+        alone = tokens(asyncio.run(_collect(eng, request(card, long_ids, 8))))
+    finally:
+        asyncio.run(eng.close())
+    # One prefill of the whole prompt would let at most a token or two through.
+    assert during >= len(long_ids) // 31 - 2, during
+    assert chunked_answer == alone
