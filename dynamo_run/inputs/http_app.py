@@ -287,7 +287,9 @@ def create_app(state: ServerState, api_key: str | None = None) -> ServerMiddlewa
         texts = _token_texts(client, top_n)
         if req.stream:
             echoed = [p.prompt_text for p in gen.choices()] if req.echo else None
-            chunks = CompletionChunks(*head, _include_usage(req), texts, top_n or 0, echoed)
+            chunks = CompletionChunks(
+                *head, _include_usage(req), texts, top_n or 0, echo_prompts=echoed
+            )
             return _stream(gen, chunks)
         return await _whole(
             request,

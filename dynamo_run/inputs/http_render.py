@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from json.encoder import encode_basestring_ascii as _q  # type: ignore[attr-defined]
+from typing import Any
 
 from dynamo_run.pipeline.responses import TokenTexts
 from dynamo_run.protocol.internal import TokenLogprob
@@ -32,20 +33,19 @@ class _Chunks:
 
     ``texts``/``top_n`` are set when the request asked for logprobs."""
 
-    include_usage: bool
+    OBJECT: str  # the chunks' "object" field
 
     def __init__(
         self,
-        obj: str,
         request_id: str,
         created: int,
         model: str,
         include_usage: bool,
-        texts: TokenTexts | None,
-        top_n: int,
+        texts: TokenTexts | None = None,
+        top_n: int = 0,
     ) -> None:
         self._head = (
-            f'data: {{"id":{_q(request_id)},"object":"{obj}","created":{created},'
+            f'data: {{"id":{_q(request_id)},"object":"{self.OBJECT}","created":{created},'
             f'"model":{_q(model)},"system_fingerprint":null,"choices":'
         )
         self._tail = ',"usage":null}\n\n' if include_usage else "}\n\n"
@@ -72,18 +72,7 @@ class _Chunks:
 class ChatChunks(_Chunks):
     """``data: {chat.completion.chunk}`` events."""
 
-    def __init__(
-        self,
-        request_id: str,
-        created: int,
-        model: str,
-        include_usage: bool,
-        texts: TokenTexts | None = None,
-        top_n: int = 0,
-    ) -> None:
-        super().__init__(
-            "chat.completion.chunk", request_id, created, model, include_usage, texts, top_n
-        )
+    OBJECT = "chat.completion.chunk"
 
     def opening(self, count: int) -> list[bytes]:
         """Each choice starts with the assistant role and no text (OpenAI's order)."""
@@ -110,17 +99,10 @@ class ChatChunks(_Chunks):
 class CompletionChunks(_Chunks):
     """``data: {text_completion}`` events; ``echo_prompts`` are sent first (``echo``)."""
 
-    def __init__(
-        self,
-        request_id: str,
-        created: int,
-        model: str,
-        include_usage: bool,
-        texts: TokenTexts | None = None,
-        top_n: int = 0,
-        echo_prompts: list[str] | None = None,
-    ) -> None:
-        super().__init__("text_completion", request_id, created, model, include_usage, texts, top_n)
+    OBJECT = "text_completion"
+
+    def __init__(self, *args: Any, echo_prompts: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.echo_prompts = echo_prompts
         self._offsets: dict[int, int] = {}  # text offset of each choice, for logprobs
 
