@@ -71,7 +71,7 @@ def load_card(spec: RunSpec) -> ModelCard:
 
 
 # Outputs that later issues deliver: they parse, then fail with one clear line.
-UNAVAILABLE_ENGINES = frozenset({"mocker", "vllm", "sglang", "trtllm"})
+UNAVAILABLE_ENGINES = frozenset({"vllm", "sglang", "trtllm"})
 
 InputRunner = Callable[["asyncio.Task[ModelClient]", RunSpec], Awaitable[int]]
 
