@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from dynamo_run.protocol.internal import EngineOutput, PreprocessedRequest
+from dynamo_run.protocol.internal import (
+    EngineLoad,
+    EngineOutput,
+    KvCacheEvent,
+    PreprocessedRequest,
+)
 
 if TYPE_CHECKING:
     from dynamo_run.model.card import ModelCard
@@ -52,6 +57,22 @@ class SupportsEmbeddings(Protocol):
     async def embed(self, token_ids: list[list[int]]) -> list[list[float]]:
         """One embedding vector per tokenised input."""
         ...
+
+
+KvEventSink = Callable[[KvCacheEvent], None]
+
+
+class SupportsKvEvents(Protocol):
+    """Optional: an engine that can report what its KV cache stores and evicts. The sink is
+    called on the engine's own thread or loop and must not block."""
+
+    def set_kv_event_sink(self, sink: KvEventSink | None) -> None: ...
+
+
+class SupportsLoad(Protocol):
+    """Optional: an engine that reports its live load (for discovery and routing)."""
+
+    def load(self) -> EngineLoad: ...
 
 
 EngineFactory = Callable[["ModelCard", EngineConfig], Engine]

@@ -69,3 +69,30 @@ class EngineOutput(msgspec.Struct, omit_defaults=True):
     # Prompt tokens whose KV the engine found cached (prefix reuse); reported once.
     cached_tokens: int | None = None
     error: str | None = None
+
+
+# KV cache events an engine reports through its event sink (see dynamo_run.engine), so that a
+# KV-aware router can tell which worker holds which prefix. Block hashes are chained (see
+# dynamo_run.kv_blocks): equal prefixes give equal hashes on every worker.
+KV_STORED = "stored"  # blocks now hold these prefixes (parent_hash: the block before them)
+KV_REMOVED = "removed"  # these blocks were evicted or reused
+KV_CLEARED = "cleared"  # everything the engine held is gone
+
+
+class KvCacheEvent(msgspec.Struct, omit_defaults=True):
+    """One change to an engine's KV cache, in whole blocks."""
+
+    kind: str
+    block_hashes: list[int] = msgspec.field(default_factory=list)
+    parent_hash: int | None = None
+    block_size: int = 16
+
+
+class EngineLoad(msgspec.Struct, omit_defaults=True):
+    """A worker's live load, published in discovery and used by routers."""
+
+    in_flight: int = 0
+    slots_total: int = 0
+    slots_busy: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
