@@ -36,6 +36,9 @@ EXAMPLES = """\
   echo "Why is the sky blue?" | dynamo-run        answer one question and exit
   dynamo-run in=http out=llamacpp --http-port 8080    OpenAI-compatible server
   dynamo-run in=batch:prompts.jsonl out=auto      run a JSONL file, write output.jsonl
+  dynamo-run in=dyn://ns.backend.generate out=llamacpp   serve the model as a worker
+  dynamo-run in=http out=dyn                      frontend for every worker found
+  dynamo-run ps                                   list the live workers
 """
 
 
@@ -102,8 +105,29 @@ def run(
     request_template: Annotated[
         Path | None, typer.Option(help="JSON file of defaults merged into every request.")
     ] = None,
+    generation_config: Annotated[
+        str,
+        typer.Option(
+            help="auto: unset sampling fields take the model's defaults, then llama.cpp's "
+            "(temperature 0.8, top_k 40, top_p 0.95, min_p 0.05); none: OpenAI's (temperature 1)."
+        ),
+    ] = "auto",
     nats_url: Annotated[
-        str | None, typer.Option(envvar="NATS_SERVER", help="NATS server for distribution.")
+        str | None,
+        typer.Option(
+            envvar="NATS_SERVER",
+            help="An existing NATS server or cluster; default: the embedded one, shared per host.",
+        ),
+    ] = None,
+    nats_token: Annotated[
+        str | None, typer.Option(envvar="NATS_TOKEN", help="Token for the NATS server.")
+    ] = None,
+    nats_listen: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST:PORT: make the embedded NATS server reachable from other hosts "
+            "(requires a token; one is generated if --nats-token is not given)."
+        ),
     ] = None,
     api_key: Annotated[
         str | None, typer.Option(envvar="DYN_API_KEY", help="in=http: require this key.")
@@ -142,7 +166,10 @@ def run(
         router_mode=router_mode,
         extra_engine_args=extra_engine_args,
         request_template=request_template,
+        generation_config=generation_config,
         nats_url=nats_url,
+        nats_token=nats_token,
+        nats_listen=nats_listen,
         api_key=api_key,
         verbosity=verbose,
         prompt=prompt,
@@ -176,6 +203,11 @@ def _fail(message: str, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point. Click usage errors become one line and exit code 2."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["ps"]:  # `dynamo-run ps`: the live workers (like `ollama ps`)
+        from dynamo_run.ps import main as ps_main
+
+        return ps_main(args[1:])
     try:
         result = app(args=argv, prog_name="dynamo-run", standalone_mode=False)
     except click_errors.NoArgsIsHelpError:

@@ -17,9 +17,10 @@ log = logging.getLogger("dynamo_run")
 
 # Input kind -> "module:function" taking (client, spec) and returning an exit code.
 INPUT_RUNNERS: dict[str, str] = {
-    "text": "dynamo_run.inputs.text:run_text",
-    "batch": "dynamo_run.inputs.batch:run_batch",
-    "http": "dynamo_run.inputs.http:run_http",
+    "text": "dynamo_run.inputs.text.shell:run_text",
+    "batch": "dynamo_run.inputs.batch.run:run_batch",
+    "http": "dynamo_run.inputs.http.server:run_http",
+    "dyn": "dynamo_run.inputs.dyn.worker:run_worker",
 }
 
 # Engines that `out=auto` may pick, best first, per model format.
@@ -86,8 +87,6 @@ def input_runner(kind: str) -> InputRunner:
 
 async def load_client(spec: RunSpec) -> ModelClient:
     """Resolve the model, pick and start the engine; off the event loop."""
-    if not spec.output.is_engine:
-        raise RunError(f"out={spec.output.kind} is not available in this build")
     card = await asyncio.to_thread(load_card, spec)
     engine_name = choose_engine(spec, card)
     if engine_name in UNAVAILABLE_ENGINES:
@@ -99,7 +98,9 @@ async def load_client(spec: RunSpec) -> ModelClient:
     per_sequence = getattr(engine, "context_per_sequence", None)
     if per_sequence:
         card.context_length = min(card.context_length, int(per_sequence))
-    return ModelClient(card, engine, spec.request_template)
+    client = ModelClient(card, engine, spec.request_template, spec.flags.generation_config)
+    client.engine_name = engine_name
+    return client
 
 
 async def run_async(spec: RunSpec) -> int:
@@ -108,17 +109,25 @@ async def run_async(spec: RunSpec) -> int:
     The input receives the loading task rather than a client so that a server can listen
     (and answer 503) while the model loads. Returns the process exit code."""
     run_input = input_runner(spec.input.kind)
-    if not spec.output.is_engine:
-        raise RunError(f"out={spec.output.kind} is not available in this build")
-    loading = asyncio.create_task(load_client(spec))
+    if spec.output.is_engine:
+        loading = asyncio.create_task(load_client(spec))
+    else:
+        from dynamo_run.distributed.frontend_runner import RemoteOutput
+
+        remote = RemoteOutput(spec)
+        loading = asyncio.create_task(remote.load(for_http=spec.input.kind == "http"))
     try:
         return await run_input(loading, spec)
     finally:
-        if not loading.done():
+        if not spec.output.is_engine:
+            if not loading.done():
+                loading.cancel()
+            await remote.close()
+        elif not loading.done():
             loading.cancel()
         elif not loading.cancelled() and loading.exception() is None:
             await loading.result().engine.close()
-        elif not loading.cancelled():
+        if loading.done() and not loading.cancelled():
             exc = loading.exception()
             if isinstance(exc, RunError):
                 raise exc

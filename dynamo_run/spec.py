@@ -14,6 +14,7 @@ INPUTS = ("text", "http", "batch", "dyn")
 ENGINE_OUTPUTS = ("echo", "mocker", "llamacpp", "vllm", "sglang", "trtllm", "auto")
 OUTPUTS = (*ENGINE_OUTPUTS, "dyn")
 ROUTER_MODES = ("random", "round-robin", "kv")
+GENERATION_CONFIG_MODES = ("auto", "none")
 
 
 class SpecError(ValueError):
@@ -83,7 +84,10 @@ class Flags:
     router_mode: str = "round-robin"
     extra_engine_args: Path | None = None
     request_template: Path | None = None
+    generation_config: str = "auto"  # auto: model's and llama.cpp's defaults; none: OpenAI's
     nats_url: str | None = None
+    nats_token: str | None = None
+    nats_listen: str | None = None  # HOST:PORT: the embedded server reachable from other hosts
     api_key: str | None = None
     verbosity: int = 0
     prompt: str | None = None  # in=text single shot
@@ -160,6 +164,17 @@ def _validate_flags(flags: Flags) -> None:
         raise SpecError(
             f"--router-mode {flags.router_mode}: unknown mode"
             f"{did_you_mean(flags.router_mode, ROUTER_MODES)}; choose {', '.join(ROUTER_MODES)}"
+        )
+    if flags.nats_listen is not None:
+        host, sep, port = flags.nats_listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise SpecError(f"--nats-listen {flags.nats_listen}: expected HOST:PORT")
+        if flags.nats_url:
+            raise SpecError("--nats-listen starts the embedded server; --nats-url uses another")
+    if flags.generation_config not in GENERATION_CONFIG_MODES:
+        raise SpecError(
+            f"--generation-config {flags.generation_config}: unknown mode"
+            f"{did_you_mean(flags.generation_config, GENERATION_CONFIG_MODES)}; choose auto or none"
         )
     if bool(flags.tls_cert_path) != bool(flags.tls_key_path):
         raise SpecError("--tls-cert-path and --tls-key-path must be given together")

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_run.inputs.batch_lines import (
+from dynamo_run.inputs.batch.lines import (
     FORM_CHAT,
     FORM_OPENAI,
     FORM_TEXT,
     detect_form,
     parse_line,
 )
-from dynamo_run.inputs.batch_progress import BatchProgress, Tally
-from dynamo_run.inputs.batch_records import Outcome, outcome, record_matches
-from dynamo_run.inputs.batch_resume import BatchState, read_resume, scan_input
+from dynamo_run.inputs.batch.progress import BatchProgress, Tally
+from dynamo_run.inputs.batch.records import Outcome, outcome, record_matches
+from dynamo_run.inputs.batch.resume import BatchState, read_resume, scan_input
 from dynamo_run.pipeline.preprocess import Preprocessor
 from dynamo_run.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from dynamo_run.spec import SpecError

@@ -218,7 +218,13 @@ def test_model_field_may_be_omitted(echo_server: Server) -> None:
 def test_models(client: openai.OpenAI) -> None:
     models = client.models.list().data
     assert [(m.id, m.object, m.owned_by) for m in models] == [(MODEL_NAME, "model", "dynamo-run")]
-    assert client.models.retrieve(MODEL_NAME).id == MODEL_NAME
+    model = client.models.retrieve(MODEL_NAME)
+    assert model.id == MODEL_NAME
+    # Extra field: the sampling defaults an unset field gets, and where each came from.
+    defaults = model.model_extra["generation_defaults"]
+    assert defaults["temperature"] == {"value": 0.8, "source": "llama.cpp default"}
+    assert defaults["top_k"]["value"] == 40
+    assert model.model_extra["max_model_len"] > 0
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("other-model")
 

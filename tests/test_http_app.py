@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from dynamo_run.echo import EchoEngine
-from dynamo_run.inputs.http_app import ServerState, create_app
+from dynamo_run.inputs.http.app import ServerState, create_app
 from dynamo_run.model.card import ModelCard, load_model_card
 from dynamo_run.pipeline.client import ModelClient
 from dynamo_run.protocol.internal import FINISH_ERROR, EngineOutput, PreprocessedRequest
@@ -98,7 +98,7 @@ def test_ready_the_moment_loading_ends(card: ModelCard) -> None:
         while not loading.done():
             await asyncio.sleep(0)
         state = ServerState(loading)  # its done callback is only scheduled now
-        assert state.client is None
+        assert state.directory is None
         assert state.ready() is loading.result()
 
     _run(scenario())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import pexpect
@@ -74,6 +75,8 @@ def test_slash_commands(tmp_path):
         assert "did you mean 'top_k'" in ask(child, "/set topk 5")
         shown = ask(child, "/show")
         assert "SmolLM2-135M-Instruct" in shown and "'temperature': 0.2" in shown
+        # The defaults a setting left unset gets, and where each comes from.
+        assert re.search(r"top_k\s+40\s+llama\.cpp default", shown), shown
         assert "System prompt set" in ask(child, "/system You are terse.")
         answer = ask(child, "hi")
         assert "system\r\nYou are terse." in answer

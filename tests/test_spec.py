@@ -67,6 +67,7 @@ def test_batch_and_endpoints():
         ([], {"router_mode": "round_robin"}, "did you mean 'round-robin'"),
         ([], {"tls_cert_path": Path("cert.pem")}, "must be given together"),
         ([], {"batch_concurrency": 0}, "--batch-concurrency"),
+        ([], {"generation_config": "nome"}, "did you mean 'none'"),
         (["in=dyn://a.b.c", "out=dyn"], {}, "out=dyn cannot"),
     ],
 )
@@ -112,6 +113,7 @@ def test_dyn_log_sets_verbosity(monkeypatch):
         (["--http-prot", "80"], "No such option: --http-prot"),
         (["--context-length", "many"], "--context-length"),
         (["--router-mode", "kvv"], "did you mean 'kv'"),
+        (["--generation-config", "vllm"], "--generation-config vllm"),
         (["in=http", "--http-port", "0"], "--http-port 0"),
     ],
 )

@@ -14,6 +14,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from dynamo_run.model.generation_defaults import model_defaults_from_gguf, model_defaults_from_hf
 from dynamo_run.model.gguf_meta import GGUFError, read_gguf_metadata
 from dynamo_run.model.gguf_tokenizer import GGUFTokenizerError, tokenizer_from_gguf
 from dynamo_run.model.resolve import DEFAULT_MODEL_NAME, ResolvedModel, resolve_model
@@ -38,6 +39,10 @@ class ModelCard:
     add_bos_token: bool = False
     eos_token_ids: list[int] = field(default_factory=list)
     architecture: str = ""
+    # The model's own sampling recommendations and the file they came from; the
+    # frontend layers them under the request's fields (model/generation_defaults.py).
+    generation_defaults: dict[str, float | int] = field(default_factory=dict)
+    generation_defaults_source: str = ""
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -93,6 +98,8 @@ def _card_from_gguf(resolved: ResolvedModel, name: str | None, ctx: int | None) 
         add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         eos_token_ids=sorted(set(eos_ids)),
         architecture=arch,
+        generation_defaults=model_defaults_from_gguf(meta),
+        generation_defaults_source="GGUF general.sampling",
     )
 
 
@@ -160,6 +167,8 @@ def _card_from_hf(resolved: ResolvedModel, name: str | None, ctx: int | None) ->
         add_bos_token=bool(tok_config.get("add_bos_token", False)),
         eos_token_ids=sorted(set(eos_ids)),
         architecture=",".join(config.get("architectures", [])),
+        generation_defaults=model_defaults_from_hf(gen_config),
+        generation_defaults_source="generation_config.json",
     )
 
 

@@ -28,6 +28,10 @@ class EngineFailure(RuntimeError):
     """The engine reported an error for this request (HTTP 500 / a failed batch line)."""
 
 
+class EngineUnavailable(EngineFailure):
+    """No engine can take the request now (no live worker for the model): HTTP 503."""
+
+
 @dataclass
 class Delta:
     """A piece of one answer. The last delta has ``finish_reason`` and final usage."""
@@ -60,11 +64,16 @@ class ModelClient:
     """Serves one model card with one engine (local, or a router over remote workers)."""
 
     def __init__(
-        self, card: ModelCard, engine: Engine, request_template: dict[str, Any] | None = None
+        self,
+        card: ModelCard,
+        engine: Engine,
+        request_template: dict[str, Any] | None = None,
+        generation_config: str = "auto",
     ) -> None:
         self.card = card
         self.engine = engine
-        self.preprocessor = Preprocessor(card, request_template)
+        self.preprocessor = Preprocessor(card, request_template, generation_config)
+        self.engine_name = ""  # the engine's registered name, where known
 
     async def stream(self, prepared: PreparedRequest) -> AsyncIterator[Delta]:
         """Run one prepared request, yielding text deltas as they are ready."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dynamo_run.model.card import ModelCard
+from dynamo_run.model.generation_defaults import GenerationDefaults, resolve_generation_defaults
 from dynamo_run.model.template import TemplateError
 from dynamo_run.protocol.internal import PreprocessedRequest, SamplingOptions, StopConditions
 from dynamo_run.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -42,9 +43,20 @@ def new_request_id(prefix: str = "req") -> str:
 class Preprocessor:
     """Turns chat and completion requests into engine requests for one model card."""
 
-    def __init__(self, card: ModelCard, request_template: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        card: ModelCard,
+        request_template: dict[str, Any] | None = None,
+        generation_config: str = "auto",
+    ) -> None:
         self.card = card
         self.request_template = dict(request_template or {})
+        self.defaults: GenerationDefaults = resolve_generation_defaults(
+            card.generation_defaults,
+            card.generation_defaults_source,
+            self.request_template,
+            generation_config,
+        )
 
     # --- request defaults -------------------------------------------------------------
     def apply_template(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -98,16 +110,23 @@ class Preprocessor:
                 code="context_length_exceeded",
             )
         room = ctx - len(token_ids)
+        chosen = self.defaults.fill(
+            {
+                "temperature": req.temperature,
+                "top_p": req.top_p,
+                "top_k": req.top_k,
+                "min_p": req.min_p,
+                "repetition_penalty": req.repetition_penalty,
+                "max_tokens": max_tokens,
+            }
+        )
+        max_tokens = chosen.pop("max_tokens")
         limit = room if max_tokens is None else min(max_tokens, room)
         sampling = SamplingOptions(
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            min_p=req.min_p,
+            **chosen,
             seed=req.seed,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty,
             json_object=json_object,
         )
         stop = StopConditions(

@@ -222,6 +222,10 @@ class ModelInfo(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "dynamo-run"
+    # Extras (vLLM has max_model_len too): the context served, and the sampling defaults a
+    # request that sets no sampling field gets, each with where it came from.
+    max_model_len: int | None = None
+    generation_defaults: dict[str, dict[str, Any]] | None = None
 
 
 class ModelList(BaseModel):

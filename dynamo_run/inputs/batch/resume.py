@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dynamo_run.inputs.batch_lines import FORM_TEXT, peek_custom_id, peek_form
-from dynamo_run.inputs.batch_records import outcome, record_matches
+from dynamo_run.inputs.batch.lines import FORM_TEXT, peek_custom_id, peek_form
+from dynamo_run.inputs.batch.records import outcome, record_matches
 from dynamo_run.spec import SpecError
 
 STATE_SUFFIX = ".state"

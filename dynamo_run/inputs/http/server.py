@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from dynamo_run.inputs.http_app import ServerState, create_app
+from dynamo_run.inputs.http.app import ServerState, create_app
 from dynamo_run.metrics import FrontendMetrics
 from dynamo_run.pipeline.client import ModelClient
 from dynamo_run.spec import RunSpec

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from dynamo_run.pipeline.client import EngineFailure
+from dynamo_run.pipeline.client import EngineFailure, EngineUnavailable
 from dynamo_run.pipeline.preprocess import RequestError
 
 log = logging.getLogger("dynamo_run.http")
@@ -90,6 +90,8 @@ def request_error(exc: RequestError) -> ApiError:
 
 
 def engine_error(exc: EngineFailure) -> ApiError:
+    if isinstance(exc, EngineUnavailable):
+        return ApiError(503, str(exc), code="no_instances", headers={"retry-after": "1"})
     return ApiError(500, f"the engine failed: {exc}", code="engine_error")
 
 

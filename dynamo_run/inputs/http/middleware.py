@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dynamo_run.inputs.http_errors import ApiError, known_error
+from dynamo_run.inputs.http.errors import ApiError, known_error
 from dynamo_run.metrics import FrontendMetrics
 
 access_log = logging.getLogger("dynamo_run.http.access")

@@ -14,9 +14,9 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
-from dynamo_run.inputs.http_errors import ApiError, engine_error
-from dynamo_run.inputs.http_middleware import CLIENT_CLOSED, RequestInfo
-from dynamo_run.inputs.http_render import DONE, ChatChunks, CompletionChunks, error_event
+from dynamo_run.inputs.http.errors import ApiError, engine_error
+from dynamo_run.inputs.http.middleware import CLIENT_CLOSED, RequestInfo
+from dynamo_run.inputs.http.render import DONE, ChatChunks, CompletionChunks, error_event
 from dynamo_run.metrics import FrontendMetrics, RequestTimer
 from dynamo_run.pipeline.choices import choice_deltas, complete_choices, expand_choices
 from dynamo_run.pipeline.client import Completion, Delta, EngineFailure, ModelClient

@@ -24,11 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from dynamo_run.inputs.batch_exec import BatchExecutor
-from dynamo_run.inputs.batch_lines import LineError, parse_line
-from dynamo_run.inputs.batch_progress import BatchProgress, Tally
-from dynamo_run.inputs.batch_records import error_record, outcome
-from dynamo_run.inputs.batch_resume import (
+from dynamo_run.inputs.batch.executor import BatchExecutor
+from dynamo_run.inputs.batch.lines import LineError, parse_line
+from dynamo_run.inputs.batch.progress import BatchProgress, Tally
+from dynamo_run.inputs.batch.records import error_record, outcome
+from dynamo_run.inputs.batch.resume import (
     STATE_SUFFIX,
     BatchState,
     InputInfo,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from dynamo_run.inputs.conversation import SETTINGS, Conversation, SettingError
+from dynamo_run.inputs.text.conversation import SETTINGS, Conversation, SettingError
 from dynamo_run.pipeline.client import EngineFailure, ModelClient
 from dynamo_run.pipeline.preprocess import RequestError
 from dynamo_run.spec import RunSpec
@@ -133,7 +133,7 @@ class ChatShell:
         from prompt_toolkit.history import FileHistory, InMemoryHistory
         from prompt_toolkit.key_binding import KeyBindings
 
-        from dynamo_run.inputs.shell_completion import CommandCompleter
+        from dynamo_run.inputs.text.completion import CommandCompleter
 
         bindings = KeyBindings()
 
@@ -253,6 +253,9 @@ class ChatShell:
             self.console.print(f"  {key:<15} {value}")
         self.console.print(f"  {'system':<15} {self.conversation.system or '(default)'}")
         self.console.print(f"  {'settings':<15} {self.conversation.settings or '(defaults)'}")
+        self.console.print("  defaults        (for settings left unset)")
+        for name, item in self.client.preprocessor.defaults.describe().items():
+            self.console.print(f"    {name:<19} {item['value']:<8} {item['source']}")
         self.console.print(f"  {'messages':<15} {len(self.conversation.messages)}")
 
     # --- answering -----------------------------------------------------------------------

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from dynamo_run.inputs.batch_lines import FORM_OPENAI, BatchItem, LineError
+from dynamo_run.inputs.batch.lines import FORM_OPENAI, BatchItem, LineError
 
 
 @dataclass(frozen=True)

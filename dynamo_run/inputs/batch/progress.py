@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from dynamo_run.inputs.batch_records import Outcome
+from dynamo_run.inputs.batch.records import Outcome
 
 PLAIN_INTERVAL_S = 5.0
 MIN_PLAIN_GAP_S = 1.0  # a 10% step prints at most once a second

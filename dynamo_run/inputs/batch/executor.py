@@ -11,14 +11,14 @@ import logging
 import time
 from typing import Any
 
-from dynamo_run.inputs.batch_lines import (
+from dynamo_run.inputs.batch.lines import (
     FORM_OPENAI,
     URL_CHAT,
     URL_COMPLETION,
     BatchItem,
     LineError,
 )
-from dynamo_run.inputs.batch_records import error_record, openai_record, text_record
+from dynamo_run.inputs.batch.records import error_record, openai_record, text_record
 from dynamo_run.pipeline.choices import complete_choices, expand_choices
 from dynamo_run.pipeline.client import EngineFailure, ModelClient
 from dynamo_run.pipeline.preprocess import RequestError, new_request_id

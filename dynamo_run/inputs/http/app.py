@@ -20,12 +20,13 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from dynamo_run import __version__
-from dynamo_run.inputs.http_errors import ApiError, install_error_handlers, validation_error
-from dynamo_run.inputs.http_generate import Generation, collect, sse_events, unless_disconnected
-from dynamo_run.inputs.http_middleware import ServerMiddleware, request_info
-from dynamo_run.inputs.http_render import ChatChunks, CompletionChunks, dumps
+from dynamo_run.inputs.http.errors import ApiError, install_error_handlers, validation_error
+from dynamo_run.inputs.http.generate import Generation, collect, sse_events, unless_disconnected
+from dynamo_run.inputs.http.middleware import ServerMiddleware, request_info
+from dynamo_run.inputs.http.render import ChatChunks, CompletionChunks, dumps
 from dynamo_run.metrics import FrontendMetrics
 from dynamo_run.pipeline.client import Completion, ModelClient
+from dynamo_run.pipeline.directory import ModelDirectory, SingleModel
 from dynamo_run.pipeline.preprocess import new_request_id
 from dynamo_run.pipeline.responses import (
     TokenTexts,
@@ -53,43 +54,94 @@ MAX_BODY_BYTES = 32 << 20  # larger bodies get a 413
 
 
 class ServerState:
-    """The loading model and what the routes share. ``ready`` answers 503 until loaded."""
+    """The loading model(s) and what the routes share. ``ready`` answers 503 until loaded.
+
+    ``loading`` gives one local model (a ModelClient) or a directory of models (``out=dyn``:
+    whatever live workers serve)."""
 
     def __init__(
-        self, loading: asyncio.Task[ModelClient], metrics: FrontendMetrics | None = None
+        self,
+        loading: asyncio.Task[ModelClient | ModelDirectory],
+        metrics: FrontendMetrics | None = None,
     ) -> None:
         self.loading = loading
         self.metrics = metrics or FrontendMetrics()
         self.created = int(time.time())
-        self.client: ModelClient | None = None
+        self.directory: ModelDirectory | None = None
         loading.add_done_callback(self._loaded)
 
-    def _loaded(self, task: asyncio.Task[ModelClient]) -> None:
-        if self.client is not None or task.cancelled() or task.exception() is not None:
+    def _loaded(self, task: asyncio.Task[ModelClient | ModelDirectory]) -> None:
+        if self.directory is not None or task.cancelled() or task.exception() is not None:
             return
-        self.client = task.result()
-        self.metrics.watch_engine(self.client.card.name, self.client.engine)
+        result = task.result()
+        if isinstance(result, ModelClient):
+            self.directory = SingleModel(result)
+            self.metrics.watch_engine(result.card.name, result.engine)
+        else:
+            self.directory = result
+            collector = getattr(result, "metrics_collector", None)
+            if collector is not None:
+                self.metrics.registry.register(collector())
 
     def model_name(self) -> str:
-        return self.client.card.name if self.client is not None else ""
+        """The metrics label: the model's name when one model is served."""
+        names = self.directory.names() if self.directory is not None else []
+        return names[0] if len(names) == 1 else ""
 
-    def loaded(self) -> ModelClient | None:
-        """The client once loaded. The done callback runs a loop turn after the task ends,
-        so a request in between looks at the task itself."""
-        if self.client is None and self.loading.done():
+    def loaded(self) -> ModelDirectory | None:
+        """The directory once loaded. The done callback runs a loop turn after the task
+        ends, so a request in between looks at the task itself."""
+        if self.directory is None and self.loading.done():
             self._loaded(self.loading)
-        return self.client
+        return self.directory
 
-    def ready(self) -> ModelClient:
-        client = self.loaded()
-        if client is None:
+    def ready_directory(self) -> ModelDirectory:
+        directory = self.loaded()
+        if directory is None:
             if self.loading.done():
                 raise ApiError(503, "the model failed to load", code="model_load_failed")
             raise ApiError(
                 503, "the model is loading; retry shortly", code="model_loading",
                 headers={"retry-after": "1"},
             )  # fmt: skip
-        return client
+        return directory
+
+    def ready(self, name: Any = None) -> ModelClient:
+        """The client for the requested model (``None``: the only one served)."""
+        directory = self.ready_directory()
+        names = directory.names()
+        if not isinstance(name, str):  # absent, or not a string (validation reports it)
+            if len(names) == 1:
+                return directory.get(names[0])  # type: ignore[return-value]
+            if not names:
+                raise ApiError(
+                    503, f"no live instance serves any model in {directory.where}",
+                    code="no_instances", headers={"retry-after": "1"},
+                )  # fmt: skip
+            raise ApiError(
+                400, f"`model` is required: this server serves {', '.join(names)}",
+                param="model",
+            )  # fmt: skip
+        client = directory.get(name)
+        if client is not None:
+            return client
+        if directory.where:
+            raise ApiError(
+                503, f"no live instance serves model `{name}` in {directory.where}",
+                param="model", code="no_instances", headers={"retry-after": "1"},
+            )  # fmt: skip
+        raise ApiError(
+            404,
+            f"The model `{name}` does not exist; this server serves `{names[0]}`.",
+            param="model",
+            code="model_not_found",
+        )
+
+    async def client_and_body(self, request: Request) -> tuple[ModelClient, dict[str, Any]]:
+        """503 while loading (before reading the body), then the body's model's client."""
+        self.ready_directory()
+        body = await _body(request)
+        return self.ready(body.get("model")), body
 
 
 class SSEResponse(StreamingResponse):
@@ -226,13 +278,14 @@ def create_app(state: ServerState, api_key: str | None = None) -> ServerMiddlewa
 
     @app.get("/v1/models", responses={200: {"model": ModelList}, **_ERRORS})
     async def list_models() -> Response:
-        client = state.ready()
-        return _json(ModelList(data=[_model_info(state, client)]))
+        directory = state.ready_directory()
+        clients = [c for name in directory.names() if (c := directory.get(name)) is not None]
+        return _json(ModelList(data=[_model_info(state, c) for c in clients]))
 
     @app.get("/v1/models/{model_id:path}", responses={200: {"model": ModelInfo}, **_ERRORS})
     async def get_model(model_id: str) -> Response:
-        client = state.ready()
-        if model_id != client.card.name:
+        client = state.ready_directory().get(model_id)
+        if client is None:
             raise ApiError(404, f"The model `{model_id}` does not exist.", code="model_not_found")
         return _json(_model_info(state, client))
 
@@ -244,9 +297,9 @@ def create_app(state: ServerState, api_key: str | None = None) -> ServerMiddlewa
     async def chat_completions(request: Request) -> Response:
         """Chat completion, streamed (SSE) or whole."""
         arrival = time.perf_counter()
-        client = state.ready()
+        client, body = await state.client_and_body(request)
         info = request_info(request.scope)
-        req = _parse(client, await _body(request), ChatCompletionRequest)
+        req = _parse(client, body, ChatCompletionRequest)
         fmt = req.response_format
         if fmt is not None and fmt.type == "json_schema":
             raise ApiError(
@@ -277,9 +330,9 @@ def create_app(state: ServerState, api_key: str | None = None) -> ServerMiddlewa
     async def completions(request: Request) -> Response:
         """Text completion of one prompt or a batch of prompts, streamed (SSE) or whole."""
         arrival = time.perf_counter()
-        client = state.ready()
+        client, body = await state.client_and_body(request)
         info = request_info(request.scope)
-        req = _parse(client, await _body(request), CompletionRequest)
+        req = _parse(client, body, CompletionRequest)
         prompts = client.preprocessor.completion(req)
         top_n = req.logprobs
         gen = Generation(client, prompts, req.n, metrics, arrival, info, top_n)
@@ -304,8 +357,8 @@ def create_app(state: ServerState, api_key: str | None = None) -> ServerMiddlewa
     )
     async def embeddings(request: Request) -> Response:
         """Embeddings, for engines that can compute them."""
-        client = state.ready()
-        req = _parse(client, await _body(request), EmbeddingRequest)
+        client, body = await state.client_and_body(request)
+        req = _parse(client, body, EmbeddingRequest)
         return await _embeddings(request, client, req)
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
@@ -318,9 +371,12 @@ def create_app(state: ServerState, api_key: str | None = None) -> ServerMiddlewa
 
 
 def _health(state: ServerState) -> Response:
-    client = state.loaded()
-    if client is not None:
-        body: dict[str, Any] = {"status": "healthy", "model": client.card.name}
+    directory = state.loaded()
+    if directory is not None:
+        names = directory.names()
+        body: dict[str, Any] = {"status": "healthy", "model": names[0] if names else None}
+        if directory.where:
+            body["models"] = names
         return _json_body(body)
     failed = state.loading.done()
     body = {
@@ -331,7 +387,12 @@ def _health(state: ServerState) -> Response:
 
 
 def _model_info(state: ServerState, client: ModelClient) -> ModelInfo:
-    return ModelInfo(id=client.card.name, created=state.created)
+    return ModelInfo(
+        id=client.card.name,
+        created=state.created,
+        max_model_len=client.card.context_length,
+        generation_defaults=client.preprocessor.defaults.describe(),
+    )
 
 
 def _include_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:

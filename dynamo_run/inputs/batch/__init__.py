@@ -1,0 +1,1 @@
+"""in=batch:FILE: JSONL in, JSONL out, with resume."""

@@ -1,0 +1,1 @@
+"""in=http: the OpenAI-compatible HTTP server."""

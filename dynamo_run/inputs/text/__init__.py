@@ -1,0 +1,1 @@
+"""in=text: the interactive chat shell and the single-shot answer."""

@@ -1,0 +1,41 @@
+"""The models an input can serve: one local model, or whatever remote workers serve.
+
+``in=http`` looks each request's model up here, so one server fronts one local engine or
+every model in discovery through the same routes.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from dynamo_run.pipeline.client import ModelClient
+
+
+class ModelDirectory(Protocol):
+    def names(self) -> list[str]:
+        """The models served now."""
+        ...
+
+    def get(self, name: str) -> ModelClient | None:
+        """The client for ``name``, or None if nothing serves it now."""
+        ...
+
+    @property
+    def where(self) -> str:
+        """Where models are looked for, for error messages ("" for a local model)."""
+        ...
+
+
+class SingleModel:
+    """A directory of one local model."""
+
+    where = ""
+
+    def __init__(self, client: ModelClient) -> None:
+        self.client = client
+
+    def names(self) -> list[str]:
+        return [self.client.card.name]
+
+    def get(self, name: str) -> ModelClient | None:
+        return self.client if name == self.client.card.name else None
