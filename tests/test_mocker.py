@@ -4,6 +4,7 @@ and cancellation, KV events, its settings, and the CLI and HTTP server running i
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import time
 from collections.abc import Iterator
@@ -334,7 +335,7 @@ def test_a_batch_decodes_together_each_step_slower_than_one_sequence(default_car
     single_step = single[-1] / steps  # expected 12.5 ms
     batch_total = max(times[-1] for times in batch)  # expected 10 steps of 20 ms
     batch_step = batch_total / steps
-    assert 0.012 <= single_step < 0.02
+    assert 0.012 <= single_step < 0.025
     assert batch_step > 1.3 * single_step  # each step of 4 costs more than a step of 1
     assert batch_total < 0.6 * 4 * single[-1]  # but 4 together beat 4 one after another
     assert all(len(times) == steps for times in batch)
@@ -344,7 +345,7 @@ def test_requests_beyond_max_num_seqs_wait_in_the_queue(default_card):
     async def scenario():
         engine = mocker(default_card, max_num_seqs=2, decode_ms_base=5.0, speedup_ratio=1.0)
         tasks = [
-            asyncio.create_task(timed(engine, list(range(i * 50, i * 50 + 20)), 5))
+            asyncio.create_task(timed(engine, list(range(i * 50, i * 50 + 20)), 20))
             for i in range(1, 5)
         ]
         await asyncio.sleep(0.012)
@@ -377,7 +378,7 @@ def test_a_request_larger_than_the_pool_fails_clearly(default_card):
 def test_a_request_waits_while_the_pool_is_full(default_card):
     async def scenario():
         engine = mocker(
-            default_card, num_gpu_blocks=4, block_size=4, watermark=0, decode_ms_base=4.0
+            default_card, num_gpu_blocks=4, block_size=4, watermark=0, decode_ms_base=20.0
         )
         a = asyncio.create_task(timed(engine, list(range(100, 108)), 5))  # 3 blocks
         await asyncio.sleep(0)
@@ -463,6 +464,39 @@ def test_kv_events_replay_to_exactly_the_pool_contents(default_card):
     assert {KV_STORED, KV_REMOVED} <= kinds  # the small pool had to evict
     assert all(e.block_size == 4 for e in sink.events)
     assert sink.events[-1].kind == KV_CLEARED and not sink.cached
+
+
+def test_many_requests_with_cancellations_leave_consistent_accounting(default_card):
+    rng = random.Random(7)
+    sink = Recorder()
+
+    async def one(engine: MockerEngine, tokens: list[int], stop_after: int | None) -> None:
+        stream = engine.generate(request(tokens, 12))
+        seen = 0
+        async for _ in stream:
+            seen += 1
+            if stop_after is not None and seen >= stop_after:
+                await stream.aclose()
+                break
+
+    async def scenario():
+        engine = mocker(default_card, num_gpu_blocks=40, block_size=4, max_num_seqs=5, **INSTANT)
+        engine.set_kv_event_sink(sink)
+        prefixes = [list(range(b, b + 8)) for b in (0, 100, 200)]
+        jobs = []
+        for _ in range(40):
+            tokens = rng.choice(prefixes) + [rng.randrange(1000) for _ in range(rng.randrange(9))]
+            jobs.append(one(engine, tokens, rng.choice([None, 1, 3, 6])))
+        await asyncio.gather(*jobs)
+        state = (engine.load(), engine.pool.free, engine.pool.cached_hashes(), set(sink.cached))
+        await engine.close()
+        return state
+
+    load, free, cached, replayed = asyncio.run(scenario())
+    assert (load.in_flight, load.slots_busy, load.kv_blocks_used) == (0, 0, 0)
+    assert free + len(cached) == 40
+    assert replayed == cached
+    assert any(e.kind == KV_REMOVED for e in sink.events)  # the pool was under pressure
 
 
 def test_a_failing_event_sink_does_not_stop_the_engine(default_card):

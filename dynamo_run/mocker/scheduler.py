@@ -232,10 +232,14 @@ class Scheduler:
         if full <= len(seq.blocks):
             return
         parent = seq.blocks[-1] if seq.blocks else None
+        prompt_blocks = seq.prompt_blocks
         new: list[int] = []
         chain = parent
         for i in range(len(seq.blocks), full):
-            chain = block_hash(chain, seq.tokens[i * size : (i + 1) * size])
+            if i < len(prompt_blocks):
+                chain = prompt_blocks[i]
+            else:
+                chain = block_hash(chain, seq.tokens[i * size : (i + 1) * size])
             new.append(chain)
         self.pool.commit(new, parent)
         seq.blocks.extend(new)
