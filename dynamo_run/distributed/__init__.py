@@ -1,0 +1,1 @@
+"""Distribution over NATS: the embedded server, connections, discovery and the request plane."""
