@@ -203,6 +203,11 @@ def _fail(message: str, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point. Click usage errors become one line and exit code 2."""
+    supervisor_argv = sys.argv[1:] if argv is None else argv
+    if supervisor_argv[:1] == ["__nats-supervisor"]:  # how a frozen binary runs it
+        from dynamo_run.distributed.nats_supervisor import main as nats_supervisor_main
+
+        return nats_supervisor_main(supervisor_argv[1:])
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["ps"]:  # `dynamo-run ps`: the live workers (like `ollama ps`)
         from dynamo_run.ps import main as ps_main
