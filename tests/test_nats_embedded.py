@@ -232,6 +232,47 @@ def test_stale_state_is_replaced_by_a_new_server(nats_env: NatsEnv) -> None:
     assert client.quit() == 0
 
 
+def test_state_naming_live_unrelated_pids_is_stale_and_they_are_left_alone(
+    nats_env: NatsEnv,
+) -> None:
+    """A pid reused by another process: alive, but no server answers; it is not ours to kill."""
+    unrelated = subprocess.Popen(["sleep", "60"])
+    nats_env.others.append(unrelated)
+    nats_env.dir.mkdir(parents=True)
+    stale = {
+        "version": 1,
+        "supervisor_pid": unrelated.pid,
+        "server_pid": unrelated.pid,
+        "port": free_port(),
+        "url": "nats://127.0.0.1:1",
+        "listen": None,
+        "token": None,
+        "monitor_url": f"http://127.0.0.1:{free_port()}",
+    }
+    (nats_env.dir / STATE_FILE).write_text(json.dumps(stale))
+    client = nats_env.helper()
+    info = client.event()
+    assert info["started"] and info["server_pid"] != unrelated.pid
+    assert unrelated.poll() is None
+    assert client.quit() == 0
+
+
+def test_crashed_server_is_restarted_on_the_same_port(nats_env: NatsEnv) -> None:
+    client = nats_env.helper()
+    first = client.event()
+    os.kill(first["server_pid"], signal.SIGKILL)
+    wait_until(
+        lambda: (nats_env.state() or {}).get("server_pid") not in (None, first["server_pid"]),
+        10,
+        "the supervisor restarted the server",
+    )
+    state = nats_env.state()
+    assert state is not None and state["port"] == first["port"]
+    assert state["supervisor_pid"] == first["supervisor_pid"]
+    assert client.ping()  # reconnected to the restarted server
+    assert client.quit() == 0
+
+
 def test_killed_supervisor_takes_its_server_along_and_the_next_one_comes_back_on_the_same_port(
     nats_env: NatsEnv,
 ) -> None:
