@@ -1,0 +1,39 @@
+#!/bin/sh
+# dynamo-run @VERSION@, single-file build (@KEY@). Built by packaging/build.sh.
+#
+# This file is this short sh script followed by a gzip'd tar of the one-folder PyInstaller
+# build. The first run of this build unpacks it once into a cache folder; every run then execs
+# the program from there (same process id, arguments and signals pass straight through).
+#   cache: $DYNAMO_RUN_CACHE, else $XDG_CACHE_HOME/dynamo-run, else ~/.cache/dynamo-run;
+#          /tmp/dynamo-run-UID when that cannot be written. One folder per build, ~@UNPACKED_MB@ MB;
+#          remove old ones freely when no dynamo-run of that build is running.
+#   unpack by hand: tail -c +@OFFSET@ dynamo-run | tar -xzf - -C DIR
+key='@KEY@'
+root="${DYNAMO_RUN_CACHE:-${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}/dynamo-run}"
+dir="$root/$key"
+if [ -x "$dir/dynamo-run" ]; then
+  exec "$dir/dynamo-run" "$@"
+fi
+
+if ! mkdir -p "$root" 2>/dev/null || [ ! -w "$root" ]; then
+  root="${TMPDIR:-/tmp}/dynamo-run-$(id -u)"
+  dir="$root/$key"
+  if [ -x "$dir/dynamo-run" ]; then
+    exec "$dir/dynamo-run" "$@"
+  fi
+  mkdir -p "$root" && chmod 700 "$root" || exit 1
+fi
+if [ -t 2 ]; then
+  echo "dynamo-run: first run of this build: unpacking into $dir" >&2
+fi
+tmp=$(mktemp -d "$root/.unpack-$key.XXXXXX") || exit 1
+if ! tail -c +@OFFSET@ "$0" | tar -xzf - -C "$tmp"; then
+  rm -rf "$tmp"
+  echo "dynamo-run: error: cannot unpack $0 into $root" >&2
+  exit 1
+fi
+# Atomic publish. If another first run won the race, mv puts ours inside its folder: drop it.
+mv "$tmp" "$dir" 2>/dev/null || true
+rm -rf "$dir/${tmp##*/}" "$tmp"
+exec "$dir/dynamo-run" "$@"
+exit 127
