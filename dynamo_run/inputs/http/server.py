@@ -23,6 +23,7 @@ import uvicorn
 from dynamo_run.inputs.http.app import ServerState, create_app
 from dynamo_run.metrics import FrontendMetrics
 from dynamo_run.pipeline.client import ModelClient
+from dynamo_run.pipeline.directory import ModelDirectory
 from dynamo_run.spec import RunSpec
 
 log = logging.getLogger("dynamo_run.http")
@@ -145,7 +146,7 @@ async def run_http(loading: asyncio.Task[ModelClient], spec: RunSpec) -> int:
                 await serving
                 return _load_failed(loading)
             print(
-                f"dynamo-run: serving {loading.result().card.name} at {url}",
+                f"dynamo-run: serving {_what(loading.result())} at {url}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -157,6 +158,12 @@ async def run_http(loading: asyncio.Task[ModelClient], spec: RunSpec) -> int:
     if loading.done() and not loading.cancelled() and loading.exception() is not None:
         return _load_failed(loading)
     return 0
+
+
+def _what(loaded: ModelClient | ModelDirectory) -> str:
+    if isinstance(loaded, ModelClient):
+        return loaded.card.name
+    return f"the models of the workers in {loaded.where}"
 
 
 def _load_failed(loading: asyncio.Task[ModelClient]) -> int:

@@ -1,0 +1,147 @@
+"""The remote side as one more Engine: a frontend's pipeline streams a model's requests from
+worker instances exactly as it would from an in-process engine.
+
+Faults: an instance that fails before sending any token is replaced by another at once; one
+that dies mid-stream is replaced up to ``--migration-limit`` times by sending the prompt plus
+the tokens already streamed to another instance, so the client sees one unbroken stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import msgspec
+
+from dynamo_run.distributed.request_plane import RequestPlaneClient, WorkerFailed, WorkerLost
+from dynamo_run.distributed.router import Router
+from dynamo_run.distributed.wire import InstanceRecord, Work
+from dynamo_run.pipeline.client import EngineUnavailable
+from dynamo_run.protocol.internal import (
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    EngineLoad,
+    EngineOutput,
+    PreprocessedRequest,
+)
+
+log = logging.getLogger("dynamo_run.remote")
+
+
+class InstanceStats:
+    """Per-instance counters for metrics (the frontend's view)."""
+
+    def on_request(self, instance: InstanceRecord) -> None: ...
+    def on_error(self, instance: InstanceRecord) -> None: ...
+    def on_migration(self, model: str) -> None: ...
+
+
+class RemoteEngine:
+    """Streams one model's requests from the instances ``instances()`` returns."""
+
+    def __init__(
+        self,
+        model: str,
+        instances: Callable[[], list[InstanceRecord]],
+        plane: RequestPlaneClient,
+        router: Router,
+        migration_limit: int = 0,
+        namespace_hint: str = "",
+        stats: InstanceStats | None = None,
+    ) -> None:
+        self.model = model
+        self.instances = instances
+        self.plane = plane
+        self.router = router
+        self.migration_limit = migration_limit
+        self.namespace_hint = namespace_hint
+        self.stats = stats or InstanceStats()
+        self.in_flight = 0
+
+    def load(self) -> EngineLoad:
+        live = self.instances()
+        return EngineLoad(
+            in_flight=self.in_flight,
+            slots_total=sum(r.load.slots_total for r in live),
+            slots_busy=sum(r.load.slots_busy for r in live),
+        )
+
+    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+        prompt = list(request.token_ids)
+        generated: list[int] = []
+        tried: set[str] = set()
+        migrations = 0
+        cached_reported = False
+        self.in_flight += 1
+        try:
+            while True:
+                instance = self.router.pick(self.model, self.instances(), tried)
+                if instance is None:
+                    where = f" in {self.namespace_hint}" if self.namespace_hint else ""
+                    message = f"no live instance serves model `{self.model}`{where}"
+                    if not generated:
+                        raise EngineUnavailable(message)
+                    yield EngineOutput(finish_reason=FINISH_ERROR, error=message)
+                    return
+                tried.add(instance.instance_id)
+                attempt = _continuation(request, prompt, generated)
+                if attempt is None:  # the budget was used up exactly when the worker died
+                    yield EngineOutput(finish_reason=FINISH_LENGTH)
+                    return
+                self.stats.on_request(instance)
+                self.router.in_flight[instance.instance_id] += 1
+                stream = self.plane.stream(instance.subject, instance.instance_id, Work(attempt))
+                try:
+                    async for output in stream:
+                        if output.cached_tokens is not None:
+                            if cached_reported:
+                                output = msgspec.structs.replace(output, cached_tokens=None)
+                            cached_reported = True
+                        generated.extend(output.token_ids)
+                        yield output
+                    return
+                except (WorkerLost, WorkerFailed) as exc:
+                    self.stats.on_error(instance)
+                    if not generated:
+                        log.warning("%s; trying another instance", exc)
+                        continue
+                    if isinstance(exc, WorkerLost) and migrations < self.migration_limit:
+                        migrations += 1
+                        self.stats.on_migration(self.model)
+                        log.warning(
+                            "%s after %d tokens; migrating (%d of %d)",
+                            exc, len(generated), migrations, self.migration_limit,
+                        )  # fmt: skip
+                        continue
+                    yield EngineOutput(finish_reason=FINISH_ERROR, error=str(exc))
+                    return
+                finally:
+                    await stream.aclose()  # a consumer that left cancels the worker's request now
+                    self.router.in_flight[instance.instance_id] -= 1
+        finally:
+            self.in_flight -= 1
+
+    async def close(self) -> None:
+        return None
+
+
+def _continuation(
+    request: PreprocessedRequest, prompt: list[int], generated: list[int]
+) -> PreprocessedRequest | None:
+    """The request to send next: the original, or the prompt plus what was already streamed
+    with the token budget reduced by as much (None when nothing is left to generate)."""
+    if not generated:
+        return request
+    stop = request.stop
+    budget = None if stop.max_tokens is None else stop.max_tokens - len(generated)
+    if budget is not None and budget <= 0:
+        return None
+    stop = msgspec.structs.replace(
+        stop, max_tokens=budget, min_tokens=max(0, stop.min_tokens - len(generated))
+    )
+    return msgspec.structs.replace(
+        request,
+        request_id=f"{request.request_id}-m{len(generated)}",
+        token_ids=prompt + generated,
+        stop=stop,
+    )

@@ -1,0 +1,120 @@
+"""``in=dyn://namespace.component.endpoint``: serve the engine as a distributed worker.
+
+Starts the engine, connects to NATS (the embedded server shared per host, or --nats-url),
+puts the model card in the card store and the instance in discovery under a lease, and
+serves token-level requests on the instance's subject. SIGTERM/SIGINT: leave discovery
+first, let in-flight requests finish (bounded), then exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+
+from dynamo_run.distributed.discovery import DEFAULT_LEASE_S, Registration
+from dynamo_run.distributed.request_plane import EndpointServer
+from dynamo_run.distributed.wire import InstanceRecord, instance_subject
+from dynamo_run.model.card_wire import card_digest, card_to_bytes
+from dynamo_run.pipeline.client import ModelClient
+from dynamo_run.protocol.internal import EngineLoad
+from dynamo_run.spec import RunSpec
+
+log = logging.getLogger("dynamo_run.worker")
+
+DRAIN_TIMEOUT_S = float(os.environ.get("DYN_WORKER_DRAIN_S", "30"))
+LEASE_S = float(os.environ.get("DYN_LEASE_S", str(DEFAULT_LEASE_S)))
+
+
+def _engine_load(client: ModelClient, server: EndpointServer) -> EngineLoad:
+    load_fn = getattr(client.engine, "load", None)
+    load = load_fn() if callable(load_fn) else EngineLoad()
+    return EngineLoad(
+        in_flight=server.in_flight,
+        slots_total=load.slots_total,
+        slots_busy=load.slots_busy,
+        kv_blocks_total=load.kv_blocks_total,
+        kv_blocks_used=load.kv_blocks_used,
+    )
+
+
+async def run_worker(loading: asyncio.Task[ModelClient], spec: RunSpec) -> int:
+    from dynamo_run.distributed.nats_connect import connect_nats
+
+    endpoint = spec.input.endpoint
+    assert endpoint is not None
+    client = await loading
+    conn = await connect_nats(
+        spec.flags.nats_url,
+        token=spec.flags.nats_token,
+        listen=spec.flags.nats_listen,
+        name=f"dynamo-run worker {endpoint.url}",
+    )
+    nc = conn.client
+    instance_id = uuid.uuid4().hex[:16]
+    subject = instance_subject(endpoint.namespace, endpoint.component, endpoint.name, instance_id)
+    server = EndpointServer(nc, subject, client.engine, instance_id)
+    card_bytes = card_to_bytes(client.card)
+    now = time.time()
+    record = InstanceRecord(
+        instance_id=instance_id,
+        namespace=endpoint.namespace,
+        component=endpoint.component,
+        endpoint=endpoint.name,
+        subject=subject,
+        model=client.card.name,
+        engine=getattr(client, "engine_name", "") or type(client.engine).__name__,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        card_digest=card_digest(card_bytes),
+        started_at=now,
+        updated_at=now,
+        lease_s=LEASE_S,
+    )
+
+    def refresh(rec: InstanceRecord) -> None:
+        rec.load = _engine_load(client, server)
+
+    registration = Registration(nc, record, card_bytes, refresh)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        await registration.start()
+        print(
+            f"dynamo-run: worker {instance_id} serving {client.card.name} at {endpoint.url} "
+            f"(NATS {conn.url})",
+            file=sys.stderr,
+            flush=True,
+        )
+        if conn.share_url:
+            print(
+                f"dynamo-run: other hosts join with --nats-url {conn.share_url}",
+                file=sys.stderr,
+                flush=True,
+            )
+        await stop.wait()
+        log.info("stopping: leaving discovery, then finishing %d requests", server.in_flight)
+        await registration.withdraw()
+        cancelled = await server.drain(DRAIN_TIMEOUT_S)
+        if cancelled:
+            print(
+                f"dynamo-run: worker stopped; {cancelled} requests did not finish in "
+                f"{DRAIN_TIMEOUT_S:g} s",
+                file=sys.stderr,
+            )
+        return 0
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        with contextlib.suppress(Exception):
+            await registration.withdraw()
+        await conn.close()

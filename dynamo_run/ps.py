@@ -1,0 +1,137 @@
+"""``dynamo-run ps``: the live worker instances in discovery, like ``ollama ps``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from typing import Annotated
+
+import msgspec
+import typer
+
+from dynamo_run.distributed.wire import InstanceRecord
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+async def live_instances(nc, namespace: str | None = None) -> list[InstanceRecord]:
+    """Instances whose lease is current, read once from the discovery bucket."""
+    from nats.js.errors import BucketNotFoundError, NoKeysError
+
+    from dynamo_run.distributed.wire import DISCOVERY_BUCKET, decode_record
+
+    js = nc.jetstream()
+    try:
+        bucket = await js.key_value(DISCOVERY_BUCKET)
+        keys = await bucket.keys()
+    except (BucketNotFoundError, NoKeysError):
+        return []
+    now = time.time()
+    records = []
+    for key in keys:
+        if namespace and not key.startswith(f"{namespace}."):
+            continue
+        try:
+            entry = await bucket.get(key)
+            record = decode_record(entry.value)
+        except Exception:
+            continue  # deleted meanwhile, or not ours
+        if now - record.updated_at <= record.lease_s * 2:
+            records.append(record)
+    return sorted(records, key=lambda r: (r.model, r.namespace, r.component, r.started_at))
+
+
+def _uptime(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def render_table(records: list[InstanceRecord]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for column in ("MODEL", "ENDPOINT", "INSTANCE", "HOST", "PID", "ENGINE", "LOAD", "UPTIME"):
+        table.add_column(column)
+    now = time.time()
+    for r in records:
+        load = f"{r.load.in_flight} in flight"
+        if r.load.slots_total:
+            load += f", {r.load.slots_busy}/{r.load.slots_total} slots"
+        if r.load.kv_blocks_total:
+            load += f", KV {r.load.kv_blocks_used}/{r.load.kv_blocks_total} blocks"
+        if r.draining:
+            load += " (stopping)"
+        table.add_row(
+            r.model,
+            f"dyn://{r.namespace}.{r.component}.{r.endpoint}",
+            r.instance_id,
+            r.host,
+            str(r.pid),
+            r.engine,
+            load,
+            _uptime(now - r.started_at),
+        )
+    Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
+
+
+@app.command()
+def ps(
+    nats_url: Annotated[
+        str | None, typer.Option(envvar="NATS_SERVER", help="NATS server (default: this host's).")
+    ] = None,
+    nats_token: Annotated[str | None, typer.Option(envvar="NATS_TOKEN", help="NATS token.")] = None,
+    namespace: Annotated[str | None, typer.Option(help="Only this namespace.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON array, for scripts.")] = False,
+) -> None:
+    """List the live worker instances: model, endpoint, host, engine, load, uptime."""
+    from dynamo_run.distributed.nats_connect import NatsError, connect_nats
+    from dynamo_run.distributed.nats_embedded import read_state, state_dir
+
+    async def main() -> list[InstanceRecord] | None:
+        if not nats_url and read_state(state_dir()) is None:
+            return None  # no embedded server on this host: don't start one just to look
+        conn = await connect_nats(nats_url, token=nats_token, name="dynamo-run ps")
+        try:
+            return await live_instances(conn.client, namespace)
+        finally:
+            await conn.close()
+
+    try:
+        records = asyncio.run(main())
+    except NatsError as exc:
+        print(f"dynamo-run: error: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    if records is None:
+        if as_json:
+            print("[]")
+        else:
+            print("no NATS server is running on this host: no workers", file=sys.stderr)
+        return
+    if as_json:
+        print(json.dumps([msgspec.to_builtins(r) for r in records], indent=2))
+    elif not records:
+        print("no live worker instances", file=sys.stderr)
+    else:
+        render_table(records)
+
+
+def main(argv: list[str]) -> int:
+    try:
+        app(args=argv, prog_name="dynamo-run ps", standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except Exception as exc:
+        from dynamo_run.cli import click_errors
+
+        if isinstance(exc, click_errors.UsageError):
+            print(f"dynamo-run ps: error: {exc.format_message()}", file=sys.stderr)
+            return 2
+        raise
+    return 0

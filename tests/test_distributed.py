@@ -1,0 +1,298 @@
+"""Workers and frontends in separate processes over a real nats-server on loopback.
+
+Each test uses its own namespace so that instances of another test (whose records linger
+for a lease) never answer for it.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import run_cli
+from dist_helpers import NatsServer, Worker, frontend, wait_models
+from http_helpers import MODEL_NAME, metric
+
+LONG_PROMPT = " ".join(f"word{i}" for i in range(120))
+
+
+@pytest.fixture(scope="module")
+def nats():
+    server = NatsServer()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture()
+def procs():
+    """Every worker/frontend a test starts, killed at the end whatever happened."""
+    started: list = []
+    yield started
+    for proc in started:
+        proc.cleanup()
+
+
+def start_workers(procs, nats_url: str, count: int, **kwargs) -> list[Worker]:
+    workers = [Worker(nats_url, **kwargs) for _ in range(count)]
+    procs.extend(workers)
+    return [w.wait_ready() for w in workers]
+
+
+def start_frontend(procs, nats_url: str, endpoint: str, args: list[str] | None = None):
+    server = frontend(nats_url, out=endpoint, args=args)
+    procs.append(server)
+    server.wait_ready()
+    return server
+
+
+def openai_client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+
+
+def ask(client: openai.OpenAI, text: str = "Hello there", **kw) -> str:
+    reply = client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": text}], **kw
+    )
+    return reply.choices[0].message.content or ""
+
+
+def per_instance(server, name: str) -> dict[str, float]:
+    values = server.metrics()
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        if key.startswith(name + "{") and 'instance="' in key:
+            instance = key.split('instance="', 1)[1].split('"', 1)[0]
+            out[instance] = out.get(instance, 0) + value
+    return out
+
+
+def test_round_robin_spreads_and_models_follow_workers(nats, procs):
+    endpoint = "dyn://rr.backend.generate"
+    workers = start_workers(procs, nats.url, 2, endpoint=endpoint, engine_args={"delay_ms": 0})
+    fe = start_frontend(procs, nats.url, endpoint, ["--router-mode", "round-robin"])
+    wait_models(fe, [MODEL_NAME])
+    client = openai_client(fe)
+    for _ in range(6):
+        assert "Hello there" in ask(client)
+    counts = per_instance(fe, "dynamo_frontend_worker_requests_total")
+    assert counts == {workers[0].instance_id: 3.0, workers[1].instance_id: 3.0}, counts
+    values = fe.metrics()
+    assert metric(values, "dynamo_frontend_worker_instances", model=MODEL_NAME) == 2
+    # The model card travelled with the instance: templating and defaults are the model's.
+    info = client.models.retrieve(MODEL_NAME)
+    assert info.model_extra["generation_defaults"]["top_k"]["value"] == 40
+    # A clean stop leaves discovery at once; the last one takes the model away.
+    assert workers[0].stop() == 0
+    assert workers[1].stop() == 0
+    wait_models(fe, [], timeout=5)
+
+
+def test_random_mode_uses_every_worker(nats, procs):
+    endpoint = "dyn://rnd.backend.generate"
+    workers = start_workers(procs, nats.url, 2, endpoint=endpoint, engine_args={"delay_ms": 0})
+    fe = start_frontend(procs, nats.url, endpoint, ["--router-mode", "random"])
+    wait_models(fe, [MODEL_NAME])
+    client = openai_client(fe)
+    for _ in range(16):
+        ask(client, max_tokens=4)
+    counts = per_instance(fe, "dynamo_frontend_worker_requests_total")
+    assert set(counts) == {w.instance_id for w in workers}
+    assert sum(counts.values()) == 16
+
+
+def ps_json(nats_url: str, namespace: str) -> list[dict]:
+    result = run_cli("ps", "--json", "--nats-url", nats_url, "--namespace", namespace, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_cancel_across_the_hop_frees_the_worker(nats, procs):
+    endpoint = "dyn://cancel.backend.generate"
+    (worker,) = start_workers(procs, nats.url, 1, endpoint=endpoint, engine_args={"delay_ms": 40})
+    fe = start_frontend(procs, nats.url, endpoint)
+    wait_models(fe, [MODEL_NAME])
+    with httpx.Client(timeout=30) as http:
+        body = {"model": MODEL_NAME, "prompt": LONG_PROMPT, "stream": True}
+        with http.stream("POST", fe.url + "/completions", json=body) as res:
+            lines = res.iter_lines()
+            got = [line for _, line in zip(range(4), lines, strict=False)]
+            assert any(line.startswith("data:") for line in got)
+            records = ps_json(nats.url, "cancel")
+            assert records[0]["load"].get("in_flight") == 1
+    # The client hung up: the frontend cancels, the worker frees the request.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        records = ps_json(nats.url, "cancel")
+        if records and records[0]["load"].get("in_flight", 0) == 0:
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError(f"worker still busy: {records}\n{worker.log()}")
+    assert records[0]["instance_id"] == worker.instance_id
+    assert records[0]["engine"] == "echo"
+
+
+def test_sigkill_worker_leaves_within_its_lease(nats, procs):
+    endpoint = "dyn://lease.backend.generate"
+    (worker,) = start_workers(procs, nats.url, 1, endpoint=endpoint, engine_args={"delay_ms": 0})
+    fe = start_frontend(procs, nats.url, endpoint)
+    wait_models(fe, [MODEL_NAME])
+    worker.stop(signal.SIGKILL)
+    start = time.monotonic()
+    wait_models(fe, [], timeout=10)
+    assert time.monotonic() - start < 5  # lease 2 s in these tests
+    res = httpx.post(
+        fe.url + "/chat/completions",
+        json={"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}]},
+        timeout=10,
+    )
+    assert res.status_code == 503
+    error = res.json()["error"]
+    assert error["code"] == "no_instances"
+    assert MODEL_NAME in error["message"] and "lease.backend.generate" in error["message"]
+
+
+def test_sigterm_deregisters_first_and_finishes_in_flight(nats, procs):
+    endpoint = "dyn://term.backend.generate"
+    (worker,) = start_workers(procs, nats.url, 1, endpoint=endpoint, engine_args={"delay_ms": 20})
+    fe = start_frontend(procs, nats.url, endpoint)
+    wait_models(fe, [MODEL_NAME])
+    client = openai_client(fe)
+    result: dict = {}
+
+    def long_request() -> None:
+        reply = client.completions.create(model=MODEL_NAME, prompt=LONG_PROMPT, max_tokens=100)
+        result["reply"] = reply
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(0.6)  # the request is being served
+    worker.proc.send_signal(signal.SIGTERM)
+    wait_models(fe, [], timeout=1.5)  # deregistered at once, not after the lease
+    thread.join(30)
+    assert result["reply"].choices[0].finish_reason == "length"
+    assert result["reply"].usage.completion_tokens == 100
+    assert worker.stop() == 0
+
+
+def test_nats_restart_under_way(procs):
+    server = NatsServer()
+    try:
+        endpoint = "dyn://restart.backend.generate"
+        start_workers(procs, server.url, 1, endpoint=endpoint, engine_args={"delay_ms": 0})
+        fe = start_frontend(procs, server.url, endpoint)
+        wait_models(fe, [MODEL_NAME])
+        client = openai_client(fe)
+        assert "Hello" in ask(client)
+        server.stop()
+        time.sleep(1.0)
+        server.start()  # same port, JetStream's memory buckets are gone
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert "Hello" in ask(client)
+                break
+            except (openai.APIStatusError, openai.APIConnectionError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+    finally:
+        server.cleanup()
+
+
+def test_text_and_batch_inputs_over_dyn(nats, procs, tmp_path):
+    endpoint = "dyn://cli.backend.generate"
+    start_workers(procs, nats.url, 1, endpoint=endpoint, engine_args={"delay_ms": 0})
+    shot = run_cli(f"out={endpoint}", "--nats-url", nats.url, "-p", "Echo me please")
+    assert shot.returncode == 0, shot.stderr
+    assert "Echo me please" in shot.stdout
+    batch = tmp_path / "in.jsonl"
+    batch.write_text('{"text": "first line"}\n{"text": "second line"}\nnot json\n')
+    out = tmp_path / "out.jsonl"
+    result = run_cli(
+        f"in=batch:{batch}", f"out={endpoint}", "--nats-url", nats.url, "--output", str(out)
+    )
+    assert result.returncode == 1, result.stderr  # one bad line
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "first line" in lines[0]["text"] and "second line" in lines[1]["text"]
+    assert lines[2]["error"]
+
+
+def test_no_worker_is_a_clear_error_not_a_hang(nats):
+    result = run_cli(
+        "out=dyn://nobody.backend.generate", "--nats-url", nats.url, "-p", "hi",
+        env={"DYN_WAIT_FOR_WORKER_S": "1"},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "no worker serves" in result.stderr and "nobody.backend.generate" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.model
+def test_llamacpp_worker_answers_like_local(nats, procs, tmp_path):
+    endpoint = "dyn://llama.backend.generate"
+    start_workers(procs, nats.url, 1, endpoint=endpoint, out="llamacpp")
+    fe = start_frontend(procs, nats.url, endpoint)
+    wait_models(fe, [MODEL_NAME])
+    question = "Name the capital of France."
+    remote = ask(openai_client(fe), question, temperature=0, max_tokens=24)
+    template = tmp_path / "greedy.json"
+    template.write_text(json.dumps({"temperature": 0, "max_tokens": 24}))
+    local = run_cli("out=llamacpp", "--request-template", str(template), "-p", question)
+    assert local.returncode == 0, local.stderr
+    assert "Paris" in remote
+    assert remote.strip() == local.stdout.strip()
+
+
+MOCKER_ARGS = {"decode_ms_base": 25.0, "decode_ms_per_seq": 0.0, "prefill_ms_per_token": 0.0}
+
+
+def stream_and_kill(fe, workers, after: int, prompt: str, max_tokens: int) -> list[str]:
+    """Stream a completion; after ``after`` chunks SIGKILL the worker serving it."""
+    client = openai_client(fe)
+    pieces: list[str] = []
+    stream = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, stream=True
+    )
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].text)
+        if len(pieces) == after:
+            busy = per_instance(fe, "dynamo_frontend_worker_inflight_requests")
+            (victim,) = [w for w in workers if busy.get(w.instance_id) == 1]
+            victim.stop(signal.SIGKILL)
+    return pieces
+
+
+def test_migration_continues_the_stream_exactly(nats, procs):
+    endpoint = "dyn://mig.backend.generate"
+    workers = start_workers(
+        procs, nats.url, 2, out="mocker", endpoint=endpoint, engine_args=MOCKER_ARGS
+    )
+    fe = start_frontend(procs, nats.url, endpoint, ["--migration-limit", "1"])
+    wait_models(fe, [MODEL_NAME])
+    prompt = "Tell me a long story about a lighthouse."
+    reference = openai_client(fe).completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=80)
+    pieces = stream_and_kill(fe, workers, after=10, prompt=prompt, max_tokens=80)
+    # One unbroken stream: every token once, in order, as the uninterrupted answer.
+    assert "".join(pieces) == reference.choices[0].text
+    assert metric(fe.metrics(), "dynamo_frontend_worker_migrations_total") == 1
+
+
+def test_without_migration_a_dead_worker_ends_the_stream_with_an_error(nats, procs):
+    endpoint = "dyn://nomig.backend.generate"
+    workers = start_workers(
+        procs, nats.url, 2, out="mocker", endpoint=endpoint, engine_args=MOCKER_ARGS
+    )
+    fe = start_frontend(procs, nats.url, endpoint)  # --migration-limit 0
+    wait_models(fe, [MODEL_NAME])
+    with pytest.raises(openai.APIError) as err:
+        stream_and_kill(fe, workers, after=5, prompt="Another story, please.", max_tokens=200)
+    assert "instance" in str(err.value)
+    # The frontend still serves new requests from the surviving worker.
+    assert ask(openai_client(fe), max_tokens=5)

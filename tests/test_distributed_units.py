@@ -1,0 +1,116 @@
+"""The pure parts of distribution: wire format, model card transfer, router, continuation."""
+
+from __future__ import annotations
+
+import time
+
+from dynamo_run.distributed.remote_engine import _continuation
+from dynamo_run.distributed.router import Router
+from dynamo_run.distributed.wire import (
+    Ack,
+    Cancel,
+    End,
+    Fail,
+    Heartbeat,
+    InstanceRecord,
+    Out,
+    Work,
+    decode_record,
+    decode_to_frontend,
+    decode_to_worker,
+    encode,
+    encode_record,
+)
+from dynamo_run.model.card_wire import card_digest, card_from_bytes, card_to_bytes
+from dynamo_run.protocol.internal import (
+    EngineLoad,
+    EngineOutput,
+    PreprocessedRequest,
+    SamplingOptions,
+    StopConditions,
+)
+
+
+def request(max_tokens: int | None = 10, min_tokens: int = 0) -> PreprocessedRequest:
+    return PreprocessedRequest(
+        request_id="req-1",
+        token_ids=[1, 2, 3],
+        sampling=SamplingOptions(temperature=0.7, seed=5),
+        stop=StopConditions(max_tokens=max_tokens, stop_token_ids=[2], min_tokens=min_tokens),
+    )
+
+
+def record(instance_id: str, draining: bool = False) -> InstanceRecord:
+    now = time.time()
+    return InstanceRecord(
+        instance_id=instance_id, namespace="ns", component="c", endpoint="e",
+        subject=f"dyn.ns.c.e.{instance_id}", model="m", engine="echo", host="h", pid=1,
+        card_digest="d", started_at=now, updated_at=now, lease_s=3.0, draining=draining,
+    )  # fmt: skip
+
+
+def test_messages_round_trip():
+    work = Work(request())
+    assert decode_to_worker(encode(work)) == work
+    assert decode_to_worker(encode(Cancel("req-1"))) == Cancel("req-1")
+    out = Out(EngineOutput(token_ids=[7, 8], cached_tokens=2))
+    for message in (Ack("abc"), out, Heartbeat(), End(), Fail("boom")):
+        assert decode_to_frontend(encode(message)) == message
+    rec = record("abc")
+    rec.load = EngineLoad(in_flight=2, slots_total=4, slots_busy=2)
+    assert decode_record(encode_record(rec)) == rec
+
+
+def test_model_card_travels_whole(default_card):
+    data = card_to_bytes(default_card)
+    assert len(data) < 2_000_000  # compressed; fits the object store in a few chunks
+    card = card_from_bytes(data)
+    text = "Hello, world! Ünïcödé and code: def f(x): return x"
+    assert card.tokenizer.encode(text).ids == default_card.tokenizer.encode(text).ids
+    messages = [{"role": "user", "content": "Hi"}]
+    assert card.chat_template.render(messages, add_generation_prompt=True) == (
+        default_card.chat_template.render(messages, add_generation_prompt=True)
+    )
+    assert (card.name, card.context_length, card.eos_token_ids, card.bos_token_id) == (
+        default_card.name,
+        default_card.context_length,
+        default_card.eos_token_ids,
+        default_card.bos_token_id,
+    )
+    assert card.generation_defaults == default_card.generation_defaults
+    assert card_digest(data) == card_digest(card_to_bytes(default_card))
+
+
+def test_round_robin_cycles_and_skips_tried_and_draining():
+    router = Router("round-robin")
+    live = [record("b"), record("a"), record("c")]
+    picks = [router.pick("m", live).instance_id for _ in range(6)]
+    assert picks == ["a", "b", "c", "a", "b", "c"]
+    assert router.pick("m", live, {"a", "b"}).instance_id == "c"
+    assert router.pick("m", live, {"a", "b", "c"}) is None
+    draining = [record("a", draining=True), record("b")]
+    assert {router.pick("m", draining).instance_id for _ in range(4)} == {"b"}
+    # Only draining instances left: still better than failing the request.
+    assert router.pick("m", [record("a", draining=True)]).instance_id == "a"
+
+
+def test_random_router_spreads():
+    router = Router("random", seed=1)
+    live = [record("a"), record("b"), record("c")]
+    seen = {router.pick("m", live).instance_id for _ in range(50)}
+    assert seen == {"a", "b", "c"}
+
+
+def test_continuation_sends_prompt_plus_streamed_tokens_with_the_rest_of_the_budget():
+    original = request(max_tokens=10, min_tokens=4)
+    assert _continuation(original, [1, 2, 3], []) is original
+    follow = _continuation(original, [1, 2, 3], [9, 9, 9])
+    assert follow is not None
+    assert follow.token_ids == [1, 2, 3, 9, 9, 9]
+    assert follow.stop.max_tokens == 7 and follow.stop.min_tokens == 1
+    assert follow.stop.stop_token_ids == [2]
+    assert follow.sampling == original.sampling
+    assert follow.request_id != original.request_id
+    assert _continuation(original, [1, 2, 3], [9] * 10) is None
+    unbounded = _continuation(request(max_tokens=None), [1, 2, 3], [9])
+    assert unbounded is not None and unbounded.stop.max_tokens is None
