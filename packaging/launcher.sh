@@ -5,24 +5,37 @@
 # build. The first run of this build unpacks it once into a cache folder; every run then execs
 # the program from there (same process id, arguments and signals pass straight through).
 #   cache: $DYNAMO_RUN_CACHE, else $XDG_CACHE_HOME/dynamo-run, else ~/.cache/dynamo-run;
-#          /tmp/dynamo-run-UID when that cannot be written. One folder per build, ~@UNPACKED_MB@ MB;
-#          remove old ones freely when no dynamo-run of that build is running.
+#          ${TMPDIR:-/tmp}/dynamo-run-UID when there is no HOME or it cannot be written.
+#          One folder per build, ~@UNPACKED_MB@ MB; remove old ones freely when no dynamo-run of
+#          that build is running.
 #   unpack by hand: tail -c +@OFFSET@ dynamo-run | tar -xzf - -C DIR
 key='@KEY@'
-root="${DYNAMO_RUN_CACHE:-${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}/dynamo-run}"
-dir="$root/$key"
-if [ -x "$dir/dynamo-run" ]; then
-  exec "$dir/dynamo-run" "$@"
+if [ -n "${DYNAMO_RUN_CACHE:-}" ]; then
+  root=$DYNAMO_RUN_CACHE
+elif [ -n "${XDG_CACHE_HOME:-}" ]; then
+  root=$XDG_CACHE_HOME/dynamo-run
+elif [ -n "${HOME:-}" ]; then
+  root=$HOME/.cache/dynamo-run
+else
+  root=
+fi
+if [ -n "$root" ] && [ -x "$root/$key/dynamo-run" ]; then
+  exec "$root/$key/dynamo-run" "$@"
 fi
 
-if ! mkdir -p "$root" 2>/dev/null || [ ! -w "$root" ]; then
+if [ -z "$root" ] || ! mkdir -p "$root" 2>/dev/null || [ ! -w "$root" ]; then
+  # A shared temporary folder: used only when it is ours and private.
   root="${TMPDIR:-/tmp}/dynamo-run-$(id -u)"
-  dir="$root/$key"
-  if [ -x "$dir/dynamo-run" ]; then
-    exec "$dir/dynamo-run" "$@"
+  mkdir -p "$root" 2>/dev/null
+  if ! chmod 700 "$root" 2>/dev/null || [ ! -O "$root" ]; then
+    echo "dynamo-run: error: no cache folder to unpack into (set DYNAMO_RUN_CACHE)" >&2
+    exit 1
   fi
-  mkdir -p "$root" && chmod 700 "$root" || exit 1
+  if [ -x "$root/$key/dynamo-run" ]; then
+    exec "$root/$key/dynamo-run" "$@"
+  fi
 fi
+dir="$root/$key"
 if [ -t 2 ]; then
   echo "dynamo-run: first run of this build: unpacking into $dir" >&2
 fi
