@@ -36,6 +36,12 @@ class RemoteOutput:
             )  # fmt: skip
         except Exception as exc:
             raise RunError(f"out=dyn: {exc}") from None
+        if self.conn.share_url:
+            print(
+                f"dynamo-run: other hosts join with --nats-url {self.conn.share_url}",
+                file=sys.stderr,
+                flush=True,
+            )
         endpoint = self.spec.output.endpoint
         prefix = f"{endpoint.namespace}.{endpoint.component}.{endpoint.name}" if endpoint else None
         self.models = RemoteModels(
