@@ -45,17 +45,21 @@ def _engine_load(client: ModelClient, server: EndpointServer) -> EngineLoad:
 
 
 async def run_worker(loading: asyncio.Task[ModelClient], spec: RunSpec) -> int:
-    from dynamo_run.distributed.nats_connect import connect_nats
+    from dynamo_run.distributed.nats_connect import NatsError, connect_nats
+    from dynamo_run.runner import RunError
 
     endpoint = spec.input.endpoint
     assert endpoint is not None
     client = await loading
-    conn = await connect_nats(
-        spec.flags.nats_url,
-        token=spec.flags.nats_token,
-        listen=spec.flags.nats_listen,
-        name=f"dynamo-run worker {endpoint.url}",
-    )
+    try:
+        conn = await connect_nats(
+            spec.flags.nats_url,
+            token=spec.flags.nats_token,
+            listen=spec.flags.nats_listen,
+            name=f"dynamo-run worker {endpoint.url}",
+        )
+    except NatsError as exc:  # the user's to fix (URL, token): one line, not "internal error"
+        raise RunError(f"in=dyn: {exc}") from None
     nc = conn.client
     instance_id = uuid.uuid4().hex[:16]
     subject = instance_subject(endpoint.namespace, endpoint.component, endpoint.name, instance_id)
@@ -115,6 +119,10 @@ async def run_worker(loading: asyncio.Task[ModelClient], spec: RunSpec) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+            if stop.is_set():
+                # Stopping on a signal: a repeated one (as during the drain) must not kill
+                # the rest of the exit, which then would not be 0.
+                signal.signal(sig, signal.SIG_IGN)
         with contextlib.suppress(Exception):
             await registration.withdraw()
         await conn.close()
