@@ -1,10 +1,14 @@
 """Real processes for the distributed tests: a nats-server, workers (``in=dyn://``) and
-frontends (``in=http out=dyn``), all on loopback, all stopped at the end."""
+frontends (``in=http out=dyn``), all on loopback, all stopped at the end; and two simulated
+hosts (network namespaces joined by a veth pair) to run them on."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -67,7 +71,8 @@ class NatsServer:
 
 
 class Worker:
-    """``python -m dynamo_run in=dyn://ENDPOINT out=ENGINE [MODEL]`` as a real process."""
+    """``python -m dynamo_run in=dyn://ENDPOINT out=ENGINE [MODEL]`` as a real process
+    (``netns``: run inside that network namespace, e.g. a host of :class:`NetnsHosts`)."""
 
     def __init__(
         self,
@@ -78,10 +83,12 @@ class Worker:
         engine_args: dict[str, object] | None = None,
         args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        netns: str | None = None,
     ) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="dynworker-")
         self.log_path = Path(self._tmp.name) / "worker.log"
-        argv = [sys.executable, "-m", "dynamo_run", f"in={endpoint}", f"out={out}"]
+        argv = [*netns_exec(netns), sys.executable, "-m", "dynamo_run"]
+        argv += [f"in={endpoint}", f"out={out}"]
         argv += ["--nats-url", nats_url]
         if model:
             argv.append(model)
@@ -149,3 +156,126 @@ def wait_models(server: Server, wanted: list[str], timeout: float = 30.0) -> lis
             pass
         time.sleep(0.1)
     raise AssertionError(f"/v1/models lists {seen}, expected {wanted}:\n{server.log()}")
+
+
+# --- two hosts on one machine -----------------------------------------------------------------
+
+
+def netns_exec(netns: str | None) -> list[str]:
+    """argv prefix that runs a command inside network namespace ``netns`` (none: here)."""
+    return ["ip", "netns", "exec", netns] if netns else []
+
+
+class NetnsUnavailable(Exception):
+    """Network namespaces cannot be made here (not root, no ``ip``, no CAP_SYS_ADMIN...)."""
+
+
+class NetnsHosts:
+    """Two simulated hosts: network namespaces ``a`` and ``b`` joined by a veth pair.
+
+    Each has its loopback up and one address on the link (``addr_a``/``addr_b`` in a private
+    /30 that exists only inside the two namespaces: nothing is added to this machine's own
+    network). :meth:`close` kills every process left inside them and deletes them.
+    """
+
+    def __init__(self, tag: str, subnet: str = "10.231.0") -> None:
+        if os.geteuid() != 0:
+            raise NetnsUnavailable("network namespaces need root")
+        if shutil.which("ip") is None:
+            raise NetnsUnavailable("the `ip` command (iproute2) is not installed")
+        self.a = f"dyn-a-{tag}"
+        self.b = f"dyn-b-{tag}"
+        self.addr_a = f"{subnet}.1"
+        self.addr_b = f"{subnet}.2"
+        self._made: list[str] = []
+        try:
+            for name in (self.a, self.b):
+                self._ip("netns", "add", name)
+                self._made.append(name)
+            # Both ends are created inside the namespaces: none ever appears on this host.
+            self._ip("link", "add", "veth0", "netns", self.a, "type", "veth",
+                     "peer", "name", "veth0", "netns", self.b)  # fmt: skip
+            for name, addr in ((self.a, self.addr_a), (self.b, self.addr_b)):
+                self._ip("-n", name, "addr", "add", f"{addr}/30", "dev", "veth0")
+                self._ip("-n", name, "link", "set", "lo", "up")
+                self._ip("-n", name, "link", "set", "veth0", "up")
+        except NetnsUnavailable:
+            self.close()
+            raise
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            reason = done.stderr.strip() or f"exit {done.returncode}"
+            raise NetnsUnavailable(f"`ip {' '.join(args)}` failed: {reason}")
+
+    def pids(self, netns: str) -> list[int]:
+        """The processes running inside ``netns``."""
+        done = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True)
+        return [int(word) for word in done.stdout.split() if word.isdigit()]
+
+    def close(self) -> None:
+        """Kill every process inside the namespaces (by pid), then delete them."""
+        for name in self._made:
+            deadline = time.monotonic() + 10
+            while (pids := self.pids(name)) and time.monotonic() < deadline:
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                time.sleep(0.1)
+        for name in reversed(self._made):
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=30)
+        self._made.clear()
+
+
+class DynProcess:
+    """``python -m dynamo_run ARGS`` as a real process, optionally inside a network namespace,
+    its output (stdout and stderr) in a log file."""
+
+    def __init__(
+        self, args: list[str], netns: str | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="dynproc-")
+        self.log_path = Path(self._tmp.name) / "process.log"
+        argv = [*netns_exec(netns), sys.executable, "-m", "dynamo_run", *args]
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        full_env.pop("DYN_API_KEY", None)
+        full_env.update(env or {})
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            argv, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
+        """The first match of ``pattern`` in the output; fails if the process exits first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            exited = self.proc.poll() is not None
+            found = re.search(pattern, self.log())
+            if found:
+                return found
+            if exited:
+                raise AssertionError(f"exited {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        raise AssertionError(f"no {pattern!r} in {timeout}s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+        self._tmp.cleanup()
