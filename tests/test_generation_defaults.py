@@ -10,6 +10,7 @@ from test_model_card import make_hf_folder
 
 from dynamo_run.model.card import load_model_card
 from dynamo_run.model.generation_defaults import (
+    DEFAULT_MODEL_SOURCE,
     LLAMA_CPP_DEFAULTS,
     SOURCE_LLAMA_CPP,
     SOURCE_REQUEST_TEMPLATE,
@@ -101,16 +102,35 @@ def test_gguf_sampling_keys():
     }
 
 
-def test_default_model_gets_llama_cpp_defaults(default_card):
+def test_default_model_gets_its_model_card_recommendation_then_llama_cpp(default_card):
     pre = Preprocessor(default_card)
     sampling = pre.chat(chat()).engine_request.sampling
-    assert (sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p) == (
-        LLAMA_CPP_DEFAULTS["temperature"],
+    assert (sampling.temperature, sampling.top_p) == (0.2, 0.9)  # SmolLM2's model card
+    assert (sampling.top_k, sampling.min_p) == (
         LLAMA_CPP_DEFAULTS["top_k"],
-        LLAMA_CPP_DEFAULTS["top_p"],
         LLAMA_CPP_DEFAULTS["min_p"],
     )
     assert sampling.repetition_penalty is None
+    sources = {name: item["source"] for name, item in pre.defaults.describe().items()}
+    assert sources == {
+        "temperature": DEFAULT_MODEL_SOURCE,
+        "top_p": DEFAULT_MODEL_SOURCE,
+        "top_k": SOURCE_LLAMA_CPP,
+        "min_p": SOURCE_LLAMA_CPP,
+    }
+
+
+def test_another_gguf_without_sampling_keys_gets_llama_cpp_defaults(tmp_path, default_gguf):
+    copy = tmp_path / "other.gguf"
+    copy.symlink_to(default_gguf)
+    pre = Preprocessor(load_model_card(str(copy)))
+    sampling = pre.chat(chat()).engine_request.sampling
+    assert (sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p) == (
+        0.8,
+        40,
+        0.95,
+        0.05,
+    )
 
 
 def test_explicit_values_win_and_zero_stays_greedy(default_card):
@@ -122,7 +142,7 @@ def test_explicit_values_win_and_zero_stays_greedy(default_card):
     assert request.sampling.seed == 7
     completion = pre.completion(CompletionRequest(prompt="Hi", min_p=0.2))[0]
     assert completion.engine_request.sampling.min_p == 0.2
-    assert completion.engine_request.sampling.temperature == 0.8
+    assert completion.engine_request.sampling.temperature == 0.2
 
 
 def test_generation_config_none_leaves_fields_unset(default_card):

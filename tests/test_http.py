@@ -222,7 +222,7 @@ def test_models(client: openai.OpenAI) -> None:
     assert model.id == MODEL_NAME
     # Extra field: the sampling defaults an unset field gets, and where each came from.
     defaults = model.model_extra["generation_defaults"]
-    assert defaults["temperature"] == {"value": 0.8, "source": "llama.cpp default"}
+    assert defaults["temperature"] == {"value": 0.2, "source": "SmolLM2-135M-Instruct model card"}
     assert defaults["top_k"]["value"] == 40
     assert model.model_extra["max_model_len"] > 0
     with pytest.raises(openai.NotFoundError):

@@ -14,7 +14,12 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from dynamo_run.model.generation_defaults import model_defaults_from_gguf, model_defaults_from_hf
+from dynamo_run.model.generation_defaults import (
+    DEFAULT_MODEL_RECOMMENDED,
+    DEFAULT_MODEL_SOURCE,
+    model_defaults_from_gguf,
+    model_defaults_from_hf,
+)
 from dynamo_run.model.gguf_meta import GGUFError, read_gguf_metadata
 from dynamo_run.model.gguf_tokenizer import GGUFTokenizerError, tokenizer_from_gguf
 from dynamo_run.model.resolve import DEFAULT_MODEL_NAME, ResolvedModel, resolve_model
@@ -83,6 +88,8 @@ def _card_from_gguf(resolved: ResolvedModel, name: str | None, ctx: int | None) 
         if k in meta
     ]
     default_name = DEFAULT_MODEL_NAME if resolved.is_default else resolved.path.stem
+    gguf_defaults = model_defaults_from_gguf(meta)
+    recommended = dict(DEFAULT_MODEL_RECOMMENDED) if resolved.is_default else {}
     return ModelCard(
         name=name or default_name,
         path=resolved.path,
@@ -98,8 +105,10 @@ def _card_from_gguf(resolved: ResolvedModel, name: str | None, ctx: int | None) 
         add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         eos_token_ids=sorted(set(eos_ids)),
         architecture=arch,
-        generation_defaults=model_defaults_from_gguf(meta),
-        generation_defaults_source="GGUF general.sampling",
+        generation_defaults=gguf_defaults or recommended,
+        generation_defaults_source=(
+            "GGUF general.sampling" if gguf_defaults or not recommended else DEFAULT_MODEL_SOURCE
+        ),
     )
 
 

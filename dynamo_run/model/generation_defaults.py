@@ -39,6 +39,12 @@ LLAMA_CPP_DEFAULTS: dict[str, float | int] = {
     "min_p": 0.05,
 }
 
+# The built-in default model ships without sampling keys in its GGUF; its publisher's model
+# card recommends these (as Ollama's library does per model), and they answer simple
+# questions right more often than llama.cpp's generic defaults (docs/benchmarks.md).
+DEFAULT_MODEL_RECOMMENDED: dict[str, float | int] = {"temperature": 0.2, "top_p": 0.9}
+DEFAULT_MODEL_SOURCE = "SmolLM2-135M-Instruct model card"
+
 SOURCE_REQUEST_TEMPLATE = "--request-template"
 SOURCE_LLAMA_CPP = "llama.cpp default"
 
