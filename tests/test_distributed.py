@@ -296,3 +296,19 @@ def test_without_migration_a_dead_worker_ends_the_stream_with_an_error(nats, pro
     assert "instance" in str(err.value)
     # The frontend still serves new requests from the surviving worker.
     assert ask(openai_client(fe), max_tokens=5)
+
+
+def test_heartbeats_keep_a_long_prefill_alive(nats, procs):
+    """A prefill longer than the frontend's silence timeout (5 s) is not mistaken for a dead
+    worker: the worker sends heartbeats while nothing else flows."""
+    endpoint = "dyn://hb.backend.generate"
+    args = {"prefill_ms_per_token": 12.0, "decode_ms_base": 1.0, "decode_ms_per_seq": 0.0}
+    start_workers(procs, nats.url, 1, out="mocker", endpoint=endpoint, engine_args=args)
+    fe = start_frontend(procs, nats.url, endpoint)
+    wait_models(fe, [MODEL_NAME])
+    prompt = " ".join(f"w{i}" for i in range(300))  # ~600 tokens: ~7 s of prefill
+    started = time.monotonic()
+    reply = openai_client(fe).completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4)
+    assert time.monotonic() - started > 5.5  # longer than the silence timeout
+    assert reply.choices[0].finish_reason == "length"
+    assert metric(fe.metrics(), "dynamo_frontend_worker_errors_total") == 0
