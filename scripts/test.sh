@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Install what the tests need (first run only) and run the whole test suite.
+# Install what the tests need (first run only; PyInstaller too: tests/test_binary.py builds
+# the single binary) and run the whole test suite.
 # Extra arguments go to pytest, e.g.: scripts/test.sh -k shell
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh test
+bash scripts/setup.sh test,packaging
 .venv/bin/ruff check .
 status=0
 .venv/bin/python -m pytest "$@" || status=$?

@@ -64,11 +64,13 @@ def binary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Binary]:
     given = os.environ.get("DYNAMO_RUN_BINARY")
     if given:
         yield Binary(Path(given).resolve(), cache)
+        shutil.rmtree(cache, ignore_errors=True)
         return
     if importlib.util.find_spec("PyInstaller") is None:
         pytest.skip("PyInstaller is not installed (bash scripts/setup.sh packaging)")
-    out = tmp_path_factory.mktemp("dist") / "dynamo-run"
+    dist = tmp_path_factory.mktemp("dist")
     work = tmp_path_factory.mktemp("build")
+    out = dist / "dynamo-run"
     start = time.monotonic()
     build = subprocess.run(
         ["bash", str(REPO / "packaging" / "build.sh"), str(out)],
@@ -77,10 +79,13 @@ def binary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Binary]:
         timeout=1200,
         env={**os.environ, "DYNAMO_RUN_BUILD_DIR": str(work)},
     )
+    shutil.rmtree(work, ignore_errors=True)
     assert build.returncode == 0, f"build failed:\n{build.stdout[-3000:]}\n{build.stderr[-5000:]}"
     print(f"built {out} ({out.stat().st_size / 1e6:.0f} MB) in {time.monotonic() - start:.0f} s")
-    shutil.rmtree(work, ignore_errors=True)
     yield Binary(out, cache)
+    # Hundreds of MB each: pytest keeps its last temporary folders around.
+    shutil.rmtree(dist, ignore_errors=True)
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 def test_version_from_one_file_that_unpacks_once(binary: Binary) -> None:
@@ -192,15 +197,18 @@ def test_a_copy_elsewhere_unpacks_itself_once_under_two_first_runs(
     shutil.copy2(binary.path, copy)
     cache = tmp_path / "fresh-cache"
     env = {**binary.env(), "DYNAMO_RUN_CACHE": str(cache)}
-    runs = [
-        subprocess.Popen([str(copy), "--version"], env=env, stdout=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    outputs = [proc.communicate(timeout=300)[0] for proc in runs]
-    assert [proc.returncode for proc in runs] == [0, 0]
-    assert outputs[0] == outputs[1] and outputs[0].startswith("dynamo-run ")
-    (folder,) = cache.iterdir()  # one published folder, no half-unpacked leftovers
-    assert sorted(p.name for p in folder.iterdir()) == ["_internal", "dynamo-run"]
+    try:
+        runs = [
+            subprocess.Popen([str(copy), "--version"], env=env, stdout=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
+        outputs = [proc.communicate(timeout=300)[0] for proc in runs]
+        assert [proc.returncode for proc in runs] == [0, 0]
+        assert outputs[0] == outputs[1] and outputs[0].startswith("dynamo-run ")
+        (folder,) = cache.iterdir()  # one published folder, no half-unpacked leftovers
+        assert sorted(p.name for p in folder.iterdir()) == ["_internal", "dynamo-run"]
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def _wait_healthy(proc: subprocess.Popen, url: str, log, timeout: float = 120) -> None:
