@@ -189,6 +189,50 @@ def test_nats_server_and_supervisor_entry_are_bundled(binary: Binary) -> None:
     assert "usage:" in supervisor.stdout
 
 
+def test_distributed_worker_and_frontend_from_the_binary(binary: Binary, tmp_path: Path) -> None:
+    """Embedded NATS from the frozen build: the supervisor entry starts the bundled nats-server."""
+    from openai import OpenAI
+
+    nats_dir = tmp_path / "nats"
+    env = binary.env(DYN_NATS_DIR=str(nats_dir), DYN_NATS_GRACE_S="0")
+    port = free_port()
+    logs = [(tmp_path / f"{name}.log").open("w+") for name in ("worker", "frontend")]
+    argvs = [
+        [str(binary.path), "in=dyn://binarytest.backend.generate", "out=echo"],
+        [str(binary.path), "in=http", "out=dyn", "--http-port", str(port)],
+    ]
+    procs = [
+        subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        for argv, log in zip(argvs, logs, strict=True)
+    ]
+    try:
+        _wait_healthy(procs[1], f"http://127.0.0.1:{port}/health", logs[1])
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        deadline = time.monotonic() + 60
+        while not client.models.list().data:  # until the worker has registered
+            assert time.monotonic() < deadline, _tail(logs[0]) + _tail(logs[1])
+            assert procs[0].poll() is None, _tail(logs[0])
+            time.sleep(0.2)
+        (model,) = [m.id for m in client.models.list().data]
+        reply = client.completions.create(model=model, prompt="hello from the binary", max_tokens=8)
+        assert reply.choices[0].text == "hello from the binary"
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        assert [proc.wait(30) for proc in procs] == [0, 0], _tail(logs[0]) + _tail(logs[1])
+        # The supervisor stops the bundled nats-server once its last client is gone.
+        deadline = time.monotonic() + 30
+        while _processes_mentioning(str(nats_dir)):
+            assert time.monotonic() < deadline, _processes_mentioning(str(nats_dir))
+            time.sleep(0.2)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
+
+
 def test_a_copy_elsewhere_unpacks_itself_once_under_two_first_runs(
     binary: Binary, tmp_path: Path
 ) -> None:
@@ -223,6 +267,20 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log, timeout: float = 120) -
             pass
         time.sleep(0.1)
     raise AssertionError(f"server not ready in {timeout} s:\n{_tail(log)}")
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that contain ``text``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(cmdline)
+    return found
 
 
 def _tail(log) -> str:
