@@ -312,3 +312,52 @@ def test_heartbeats_keep_a_long_prefill_alive(nats, procs):
     assert time.monotonic() - started > 5.5  # longer than the silence timeout
     assert reply.choices[0].finish_reason == "length"
     assert metric(fe.metrics(), "dynamo_frontend_worker_errors_total") == 0
+
+
+def test_worker_kv_events_replay_from_the_stream(nats, procs, default_card):
+    """A mocker worker publishes what its KV cache stores; a subscriber that starts later
+    replays it from the JetStream stream: the prompt's full blocks, chained as kv_blocks."""
+    import asyncio
+
+    from dynamo_run.distributed.kv_events import KvEventSubscriber
+    from dynamo_run.kv_blocks import block_hashes
+    from dynamo_run.pipeline.preprocess import Preprocessor
+    from dynamo_run.protocol.openai import CompletionRequest
+
+    endpoint = "dyn://kvev.backend.generate"
+    (worker,) = start_workers(
+        procs, nats.url, 1, out="mocker", endpoint=endpoint, engine_args=MOCKER_ARGS
+    )
+    fe = start_frontend(procs, nats.url, endpoint)
+    wait_models(fe, [MODEL_NAME])
+    prompt = " ".join(f"item{i}" for i in range(60))
+    openai_client(fe).completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=2)
+    prompt_ids = Preprocessor(default_card).completion(CompletionRequest(prompt=prompt))[0]
+    expected = block_hashes(prompt_ids.engine_request.token_ids, 16)
+    assert len(expected) >= 4
+
+    async def replay() -> tuple[set[int], set[str]]:
+        import nats as nats_py
+
+        nc = await nats_py.connect(nats.url)
+        stored: set[int] = set()
+        instances: set[str] = set()
+
+        def on_event(instance_id, event):
+            instances.add(instance_id)
+            if event.kind == "stored":
+                stored.update(event.block_hashes)
+
+        subscriber = KvEventSubscriber(nc, "kvev.backend.generate", on_event)
+        await subscriber.start()
+        for _ in range(50):
+            if set(expected) <= stored:
+                break
+            await asyncio.sleep(0.1)
+        await subscriber.stop()
+        await nc.close()
+        return stored, instances
+
+    stored, instances = asyncio.run(replay())
+    assert instances == {worker.instance_id}
+    assert set(expected) <= stored

@@ -19,6 +19,7 @@ import time
 import uuid
 
 from dynamo_run.distributed.discovery import DEFAULT_LEASE_S, Registration
+from dynamo_run.distributed.kv_events import KvEventPublisher, ensure_kv_stream, kv_subject
 from dynamo_run.distributed.request_plane import EndpointServer
 from dynamo_run.distributed.wire import InstanceRecord, instance_subject
 from dynamo_run.model.card_wire import card_digest, card_to_bytes
@@ -90,7 +91,15 @@ async def run_worker(loading: asyncio.Task[ModelClient], spec: RunSpec) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    publisher = None
     try:
+        set_sink = getattr(client.engine, "set_kv_event_sink", None)
+        if callable(set_sink):  # the engine reports its KV cache: routers can use it
+            await ensure_kv_stream(nc)
+            publisher = KvEventPublisher(
+                nc, kv_subject(endpoint.namespace, endpoint.component, endpoint.name, instance_id)
+            )
+            set_sink(publisher)
         await server.start()
         await registration.start()
         print(
@@ -125,4 +134,7 @@ async def run_worker(loading: asyncio.Task[ModelClient], spec: RunSpec) -> int:
                 signal.signal(sig, signal.SIG_IGN)
         with contextlib.suppress(Exception):
             await registration.withdraw()
+        if publisher is not None:
+            client.engine.set_kv_event_sink(None)
+            await publisher.close()
         await conn.close()
