@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-dist/dynamo-run}"
-work="${DYNAMO_RUN_BUILD_DIR:-build/pyinstaller}"
+work="${DYN_BUILD_DIR:-build/pyinstaller}"
 if [ ! -x .venv/bin/pyinstaller ]; then
   bash scripts/setup.sh packaging
 fi

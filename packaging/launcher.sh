@@ -4,14 +4,14 @@
 # This file is this short sh script followed by a gzip'd tar of the one-folder PyInstaller
 # build. The first run of this build unpacks it once into a cache folder; every run then execs
 # the program from there (same process id, arguments and signals pass straight through).
-#   cache: $DYNAMO_RUN_CACHE, else $XDG_CACHE_HOME/dynamo-run, else ~/.cache/dynamo-run;
+#   cache: $DYN_BINARY_CACHE, else $XDG_CACHE_HOME/dynamo-run, else ~/.cache/dynamo-run;
 #          ${TMPDIR:-/tmp}/dynamo-run-UID when there is no HOME or it cannot be written.
 #          One folder per build, ~@UNPACKED_MB@ MB; remove old ones freely when no dynamo-run of
 #          that build is running.
 #   unpack by hand: tail -c +@OFFSET@ dynamo-run | tar -xzf - -C DIR
 key='@KEY@'
-if [ -n "${DYNAMO_RUN_CACHE:-}" ]; then
-  root=$DYNAMO_RUN_CACHE
+if [ -n "${DYN_BINARY_CACHE:-}" ]; then
+  root=$DYN_BINARY_CACHE
 elif [ -n "${XDG_CACHE_HOME:-}" ]; then
   root=$XDG_CACHE_HOME/dynamo-run
 elif [ -n "${HOME:-}" ]; then
@@ -28,7 +28,7 @@ if [ -z "$root" ] || ! mkdir -p "$root" 2>/dev/null || [ ! -w "$root" ]; then
   root="${TMPDIR:-/tmp}/dynamo-run-$(id -u)"
   mkdir -p "$root" 2>/dev/null
   if ! chmod 700 "$root" 2>/dev/null || [ ! -O "$root" ]; then
-    echo "dynamo-run: error: no cache folder to unpack into (set DYNAMO_RUN_CACHE)" >&2
+    echo "dynamo-run: error: no cache folder to unpack into (set DYN_BINARY_CACHE)" >&2
     exit 1
   fi
   if [ -x "$root/$key/dynamo-run" ]; then

@@ -208,7 +208,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dynamo-run-bench-") as cache:
         if args.binary.is_file():
             # A fresh cache folder: the first run unpacks, every later run starts from it.
-            binary = Target("binary", [str(args.binary)], {**os.environ, "DYNAMO_RUN_CACHE": cache})
+            binary = Target("binary", [str(args.binary)], {**os.environ, "DYN_BINARY_CACHE": cache})
             results["binary first run: unpack + --version (s)"] = wall_seconds(
                 [*binary.argv, "--version"], binary.env
             )
@@ -219,7 +219,7 @@ def main() -> None:
             )
         for item in args.also:
             name, _, path = item.partition("=")
-            env = {**os.environ, "DYNAMO_RUN_CACHE": cache}
+            env = {**os.environ, "DYN_BINARY_CACHE": cache}
             results[f"{name} first run --version (s)"] = wall_seconds([path, "--version"], env)
             targets.append(Target(name, [path], env))
         results.update(startup(targets, args.runs))

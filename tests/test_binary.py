@@ -1,11 +1,11 @@
 """The single-file binary (packaging/build.sh): built once for this module, then driven as a user
-would: version, a piped one-shot, the default model bundled inside it, an OpenAI server on a GGUF
-path, a usage error, the bundled nats-server, and its self-unpacking (fresh cache, a copy in
-another folder, two first runs at once).
+would: version and help, a piped one-shot, the default model bundled inside it, an OpenAI server
+on a GGUF path, a usage error, the bundled nats-server with a worker and a frontend over embedded
+NATS, and its self-unpacking (fresh cache, a copy in another folder, two first runs at once).
 
 The build takes a few minutes: the module is skipped when PyInstaller is not installed
-(``bash scripts/setup.sh packaging``). ``DYNAMO_RUN_BINARY=PATH`` tests an existing build
-instead of building one.
+(``bash scripts/setup.sh packaging``). ``DYN_BINARY=PATH`` tests an existing build instead of
+building one.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 @dataclass
 class Binary:
     path: Path
-    cache: Path  # DYNAMO_RUN_CACHE for every run of this module
+    cache: Path  # DYN_BINARY_CACHE for every run of this module
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {**os.environ, "DYNAMO_RUN_CACHE": str(self.cache), "DYN_TOKEN_ECHO_DELAY_MS": "0"}
+        env = {**os.environ, "DYN_BINARY_CACHE": str(self.cache), "DYN_TOKEN_ECHO_DELAY_MS": "0"}
         env.pop("DYN_API_KEY", None)
         env.update(extra)
         return env
@@ -61,7 +61,7 @@ class Binary:
 @pytest.fixture(scope="module")
 def binary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Binary]:
     cache = tmp_path_factory.mktemp("cache")
-    given = os.environ.get("DYNAMO_RUN_BINARY")
+    given = os.environ.get("DYN_BINARY")
     if given:
         yield Binary(Path(given).resolve(), cache)
         shutil.rmtree(cache, ignore_errors=True)
@@ -77,7 +77,7 @@ def binary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Binary]:
         capture_output=True,
         text=True,
         timeout=1200,
-        env={**os.environ, "DYNAMO_RUN_BUILD_DIR": str(work)},
+        env={**os.environ, "DYN_BUILD_DIR": str(work)},
     )
     shutil.rmtree(work, ignore_errors=True)
     assert build.returncode == 0, f"build failed:\n{build.stdout[-3000:]}\n{build.stderr[-5000:]}"
@@ -240,7 +240,7 @@ def test_a_copy_elsewhere_unpacks_itself_once_under_two_first_runs(
     copy.parent.mkdir()
     shutil.copy2(binary.path, copy)
     cache = tmp_path / "fresh-cache"
-    env = {**binary.env(), "DYNAMO_RUN_CACHE": str(cache)}
+    env = {**binary.env(), "DYN_BINARY_CACHE": str(cache)}
     try:
         runs = [
             subprocess.Popen([str(copy), "--version"], env=env, stdout=subprocess.PIPE, text=True)
