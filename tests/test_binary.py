@@ -46,6 +46,7 @@ class Binary:
         return subprocess.run(
             [str(self.path), *args],
             input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -147,7 +148,9 @@ def test_http_llamacpp_on_a_gguf_path_answers_openai(
         "--http-port",
         str(port),
     ]
-    proc = subprocess.Popen(argv, env=binary.env(), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        argv, env=binary.env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         _wait_healthy(proc, f"http://127.0.0.1:{port}/health", log)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
@@ -202,7 +205,9 @@ def test_distributed_worker_and_frontend_from_the_binary(binary: Binary, tmp_pat
         [str(binary.path), "in=http", "out=dyn", "--http-port", str(port)],
     ]
     procs = [
-        subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        )
         for argv, log in zip(argvs, logs, strict=True)
     ]
     try:
