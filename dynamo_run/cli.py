@@ -99,6 +99,20 @@ def run(
     router_mode: Annotated[
         str, typer.Option(help="out=dyn: random | round-robin | kv.")
     ] = "round-robin",
+    kv_overlap_score_weight: Annotated[
+        float,
+        typer.Option(
+            help="--router-mode kv: weight of the prefill a cached prefix saves (0: load only)."
+        ),
+    ] = 1.0,
+    router_temperature: Annotated[
+        float,
+        typer.Option(help="--router-mode kv: 0 picks the cheapest worker; > 0 samples by cost."),
+    ] = 0.0,
+    kv_events: Annotated[
+        bool,
+        typer.Option(help="--router-mode kv: use the workers' KV events (else predict caches)."),
+    ] = True,
     extra_engine_args: Annotated[
         Path | None, typer.Option(help="JSON file of engine-specific arguments.")
     ] = None,
@@ -164,6 +178,9 @@ def run(
         tls_key_path=tls_key_path,
         migration_limit=migration_limit,
         router_mode=router_mode,
+        kv_overlap_score_weight=kv_overlap_score_weight,
+        router_temperature=router_temperature,
+        kv_events=kv_events,
         extra_engine_args=extra_engine_args,
         request_template=request_template,
         generation_config=generation_config,

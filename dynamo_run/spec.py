@@ -82,6 +82,9 @@ class Flags:
     tls_key_path: Path | None = None
     migration_limit: int = 0
     router_mode: str = "round-robin"
+    kv_overlap_score_weight: float = 1.0  # --router-mode kv: weight of the prefill saved
+    router_temperature: float = 0.0  # --router-mode kv: 0 = cheapest; > 0 softmax sampling
+    kv_events: bool = True  # --router-mode kv: False = predict caches from past decisions
     extra_engine_args: Path | None = None
     request_template: Path | None = None
     generation_config: str = "auto"  # auto: model's and llama.cpp's defaults; none: OpenAI's
@@ -165,6 +168,10 @@ def _validate_flags(flags: Flags) -> None:
             f"--router-mode {flags.router_mode}: unknown mode"
             f"{did_you_mean(flags.router_mode, ROUTER_MODES)}; choose {', '.join(ROUTER_MODES)}"
         )
+    if flags.kv_overlap_score_weight < 0:
+        raise SpecError(f"--kv-overlap-score-weight {flags.kv_overlap_score_weight}: must be >= 0")
+    if flags.router_temperature < 0:
+        raise SpecError(f"--router-temperature {flags.router_temperature}: must be >= 0")
     if flags.nats_listen is not None:
         host, sep, port = flags.nats_listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:

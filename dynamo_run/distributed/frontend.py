@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from dynamo_run.distributed.discovery import InstanceWatcher, get_card
+from dynamo_run.distributed.kv_events import KvEventSubscriber
+from dynamo_run.distributed.kv_index import ApproxKvIndex, KvIndex
+from dynamo_run.distributed.kv_router import KvRouter
 from dynamo_run.distributed.metrics import InstanceCounters
 from dynamo_run.distributed.remote_engine import RemoteEngine
 from dynamo_run.distributed.request_plane import RequestPlaneClient
@@ -23,6 +27,26 @@ from dynamo_run.pipeline.client import ModelClient
 log = logging.getLogger("dynamo_run.frontend")
 
 
+@dataclass
+class RouterSettings:
+    mode: str = "round-robin"
+    block_size: int = 16
+    overlap_score_weight: float = 1.0
+    temperature: float = 0.0
+    kv_events: bool = True
+
+    def build(self) -> Router | KvRouter:
+        if self.mode != "kv":
+            return Router(self.mode)
+        index = KvIndex(self.block_size) if self.kv_events else ApproxKvIndex(self.block_size)
+        return KvRouter(
+            index,
+            block_size=self.block_size,
+            overlap_score_weight=self.overlap_score_weight,
+            temperature=self.temperature,
+        )
+
+
 class RemoteModels:
     """The frontend's directory of remote models (see pipeline.directory.ModelDirectory)."""
 
@@ -30,7 +54,7 @@ class RemoteModels:
         self,
         nc: Any,
         endpoint_prefix: str | None,
-        router_mode: str = "round-robin",
+        routing: RouterSettings | None = None,
         migration_limit: int = 0,
         request_template: dict[str, Any] | None = None,
         generation_config: str = "auto",
@@ -40,21 +64,29 @@ class RemoteModels:
         self.request_template = request_template
         self.generation_config = generation_config
         self.migration_limit = migration_limit
-        self.router = Router(router_mode)
+        self.routing = routing or RouterSettings()
+        self.router = self.routing.build()
+        self.kv_events: KvEventSubscriber | None = None
+        if isinstance(self.router, KvRouter) and self.routing.kv_events:
+            index = self.router.index
+            self.kv_events = KvEventSubscriber(nc, endpoint_prefix, index.apply)
         self.stats = InstanceCounters(
-            lambda: self.router.in_flight, lambda: list(self.watcher.instances.values())
+            lambda: self.router.in_flight,
+            lambda: list(self.watcher.instances.values()),
+            self.router.index.cached_blocks if isinstance(self.router, KvRouter) else None,
         )
         self.plane = RequestPlaneClient(nc)
-        self.watcher = InstanceWatcher(
-            nc, endpoint_prefix, self._on_change, lambda r: self.plane.instance_gone(r.instance_id)
-        )
+        self.watcher = InstanceWatcher(nc, endpoint_prefix, self._on_change, self._on_lost)
         self.clients: dict[str, ModelClient] = {}
         self._loading: dict[str, asyncio.Task[None]] = {}
+        self._live_ids: set[str] = set()
         self._changed = asyncio.Event()
 
     async def start(self) -> None:
         await self.plane.start()
         await self.watcher.start()
+        if self.kv_events is not None:
+            await self.kv_events.start()
         await self.watcher.wait_synced(5.0)
 
     def metrics_collector(self) -> InstanceCounters:
@@ -63,6 +95,8 @@ class RemoteModels:
 
     async def stop(self) -> None:
         await self.watcher.stop()
+        if self.kv_events is not None:
+            await self.kv_events.stop()
         for task in self._loading.values():
             task.cancel()
 
@@ -98,8 +132,22 @@ class RemoteModels:
                 return None
 
     # --- keeping up with discovery ----------------------------------------------------
+    def _on_lost(self, record: InstanceRecord) -> None:
+        """An instance missed its lease: its streams are lost, its cache with it."""
+        self.plane.instance_gone(record.instance_id)
+        if isinstance(self.router, KvRouter):
+            self.router.remove_instance(record.instance_id)
+
     def _on_change(self) -> None:
         live = self.watcher.instances.values()
+        ids = {r.instance_id for r in live}
+        if isinstance(self.router, KvRouter):
+            # Instances that left: forget their KV. Only those seen live before: a replayed
+            # event may name an instance whose record this frontend has not read yet.
+            for gone in self._live_ids - ids:
+                log.info("instance %s left: its KV blocks are forgotten", gone)
+                self.router.remove_instance(gone)
+        self._live_ids = ids
         by_model: dict[str, InstanceRecord] = {}
         for record in live:
             by_model.setdefault(record.model, record)

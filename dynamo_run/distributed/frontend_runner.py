@@ -24,8 +24,9 @@ class RemoteOutput:
         self.models = None
 
     async def load(self, for_http: bool):
-        from dynamo_run.distributed.frontend import RemoteModels
+        from dynamo_run.distributed.frontend import RemoteModels, RouterSettings
         from dynamo_run.distributed.nats_connect import connect_nats
+        from dynamo_run.kv_blocks import DEFAULT_BLOCK_SIZE
         from dynamo_run.runner import RunError
 
         flags = self.spec.flags
@@ -47,7 +48,13 @@ class RemoteOutput:
         self.models = RemoteModels(
             self.conn.client,
             prefix,
-            flags.router_mode,
+            RouterSettings(
+                flags.router_mode,
+                flags.kv_cache_block_size or DEFAULT_BLOCK_SIZE,
+                flags.kv_overlap_score_weight,
+                flags.router_temperature,
+                flags.kv_events,
+            ),
             flags.migration_limit,
             self.spec.request_template,
             flags.generation_config,

@@ -124,6 +124,9 @@ class KvEventSubscriber:
             log.warning("ignoring a malformed KV event on %s: %s", msg.subject, exc)
             return
         self.received += 1
+        log.debug(
+            "KV event from %s: %s of %d blocks", instance_id, event.kind, len(event.block_hashes)
+        )
         self.on_event(instance_id, event)
 
     async def stop(self) -> None:

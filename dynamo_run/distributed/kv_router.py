@@ -113,6 +113,16 @@ class KvRouter:
             )
         return costs, cached, hashes
 
+    def choose(
+        self,
+        model: str,
+        instances: list[InstanceRecord],
+        token_ids: Sequence[int],
+        exclude: set[str] | frozenset[str] = frozenset(),
+    ) -> tuple[InstanceRecord, int] | None:
+        """Router.choose's interface (what RemoteEngine calls): the same as ``pick``."""
+        return self.pick(model, instances, token_ids, exclude)
+
     def pick(
         self,
         model: str,

@@ -22,10 +22,15 @@ class InstanceCounters(InstanceStats, Collector):
         self,
         in_flight: Callable[[], dict[str, int]],
         instances: Callable[[], list[InstanceRecord]],
+        cached_blocks: Callable[[str], int] | None = None,
     ) -> None:
         self.requests: dict[tuple[str, str], int] = defaultdict(int)
         self.errors: dict[tuple[str, str], int] = defaultdict(int)
         self.migrations: dict[str, int] = defaultdict(int)
+        self.overlap_blocks: dict[tuple[str, str], int] = defaultdict(int)
+        self.predicted_cached: dict[tuple[str, str], int] = defaultdict(int)
+        self.reported_cached: dict[tuple[str, str], int] = defaultdict(int)
+        self._cached_blocks = cached_blocks
         self._in_flight = in_flight
         self._instances = instances
         self._models: dict[str, str] = {}
@@ -39,6 +44,14 @@ class InstanceCounters(InstanceStats, Collector):
 
     def on_migration(self, model: str) -> None:
         self.migrations[model] += 1
+
+    def on_route(self, instance: InstanceRecord, overlap_blocks: int, predicted: int) -> None:
+        key = (instance.model, instance.instance_id)
+        self.overlap_blocks[key] += overlap_blocks
+        self.predicted_cached[key] += predicted
+
+    def on_cached(self, instance: InstanceRecord, cached_tokens: int) -> None:
+        self.reported_cached[(instance.model, instance.instance_id)] += cached_tokens
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         labels = ["model", "instance"]
@@ -74,4 +87,23 @@ class InstanceCounters(InstanceStats, Collector):
             )
         for model, count in counts.items():
             live.add_metric([model], count)
-        yield from (requests, errors, migrations, inflight, live)
+        routed = []
+        for name, text, values in (
+            ("kv_overlap_blocks", "Cached prefix blocks the router counted on", self.overlap_blocks),
+            ("predicted_cached_tokens", "Prompt tokens the router predicted cached", self.predicted_cached),
+            ("reported_cached_tokens", "Prompt tokens the worker reported cached", self.reported_cached),
+        ):  # fmt: skip
+            family = CounterMetricFamily(PREFIX + name, text, labels=labels)
+            for (model, instance), value in values.items():
+                family.add_metric([model, instance], value)
+            routed.append(family)
+        yield from (requests, errors, migrations, inflight, live, *routed)
+        if self._cached_blocks is not None:
+            cached = GaugeMetricFamily(
+                PREFIX + "kv_cached_blocks", "KV blocks the router's index holds", labels=labels
+            )
+            for record in self._instances():
+                cached.add_metric(
+                    [record.model, record.instance_id], self._cached_blocks(record.instance_id)
+                )
+            yield cached

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 
 import msgspec
 
+from dynamo_run.distributed.kv_router import KvRouter
 from dynamo_run.distributed.request_plane import RequestPlaneClient, WorkerFailed, WorkerLost
 from dynamo_run.distributed.router import Router
 from dynamo_run.distributed.wire import InstanceRecord, Work
@@ -32,6 +33,8 @@ class InstanceStats:
     """Per-instance counters for metrics (the frontend's view)."""
 
     def on_request(self, instance: InstanceRecord) -> None: ...
+    def on_route(self, instance: InstanceRecord, overlap_blocks: int, predicted: int) -> None: ...
+    def on_cached(self, instance: InstanceRecord, cached_tokens: int) -> None: ...
     def on_error(self, instance: InstanceRecord) -> None: ...
     def on_migration(self, model: str) -> None: ...
 
@@ -44,7 +47,7 @@ class RemoteEngine:
         model: str,
         instances: Callable[[], list[InstanceRecord]],
         plane: RequestPlaneClient,
-        router: Router,
+        router: Router | KvRouter,
         migration_limit: int = 0,
         namespace_hint: str = "",
         stats: InstanceStats | None = None,
@@ -75,8 +78,10 @@ class RemoteEngine:
         self.in_flight += 1
         try:
             while True:
-                instance = self.router.pick(self.model, self.instances(), tried)
-                if instance is None:
+                attempt_ids = prompt + generated
+                choice = self.router.choose(self.model, self.instances(), attempt_ids, tried)
+                instance = None if choice is None else choice[0]
+                if choice is None or instance is None:
                     where = f" in {self.namespace_hint}" if self.namespace_hint else ""
                     message = f"no live instance serves model `{self.model}`{where}"
                     if not generated:
@@ -89,11 +94,18 @@ class RemoteEngine:
                     yield EngineOutput(finish_reason=FINISH_LENGTH)
                     return
                 self.stats.on_request(instance)
+                block_size = getattr(self.router, "block_size", 0)
+                self.stats.on_route(instance, choice[1], choice[1] * block_size)
+                active = 0
+                if isinstance(self.router, KvRouter):
+                    active = self.router.request_blocks(attempt_ids)
+                    self.router.add_active(instance.instance_id, active)
                 self.router.in_flight[instance.instance_id] += 1
                 stream = self.plane.stream(instance.subject, instance.instance_id, Work(attempt))
                 try:
                     async for output in stream:
                         if output.cached_tokens is not None:
+                            self.stats.on_cached(instance, output.cached_tokens)
                             if cached_reported:
                                 output = msgspec.structs.replace(output, cached_tokens=None)
                             cached_reported = True
@@ -118,6 +130,8 @@ class RemoteEngine:
                 finally:
                     await stream.aclose()  # a consumer that left cancels the worker's request now
                     self.router.in_flight[instance.instance_id] -= 1
+                    if active:
+                        self.router.remove_active(instance.instance_id, active)
         finally:
             self.in_flight -= 1
 

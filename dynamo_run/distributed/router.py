@@ -19,6 +19,18 @@ class Router:
         # Requests this frontend has in flight per instance (shown in metrics and `ps`).
         self.in_flight: dict[str, int] = defaultdict(int)
 
+    def choose(
+        self,
+        model: str,
+        instances: list[InstanceRecord],
+        token_ids: list[int],
+        exclude: set[str] | frozenset = frozenset(),
+    ) -> tuple[InstanceRecord, int] | None:
+        """Same interface as KvRouter.pick: (instance, cached blocks it is predicted to hold);
+        these modes know nothing of caches."""
+        record = self.pick(model, instances, exclude)
+        return None if record is None else (record, 0)
+
     def pick(
         self, model: str, instances: list[InstanceRecord], exclude: set[str] | frozenset = ()
     ) -> InstanceRecord | None:
