@@ -43,6 +43,31 @@ async def live_instances(nc, namespace: str | None = None) -> list[InstanceRecor
     return sorted(records, key=lambda r: (r.model, r.namespace, r.component, r.started_at))
 
 
+async def cached_blocks(nc, namespace: str | None, timeout: float = 2.0) -> dict[str, int]:
+    """KV blocks each instance holds, from a replay of the KV event stream (what a KV-aware
+    router knows); empty when no worker publishes KV events."""
+    from nats.js.errors import NotFoundError
+
+    from dynamo_run.distributed.kv_events import KV_STREAM, KvEventSubscriber
+    from dynamo_run.distributed.kv_index import KvIndex
+
+    js = nc.jetstream()
+    try:
+        pending = (await js.stream_info(KV_STREAM)).state.messages
+    except NotFoundError:
+        return {}
+    index = KvIndex()
+    subscriber = KvEventSubscriber(nc, None, index.apply)
+    await subscriber.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while subscriber.received < pending and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+    finally:
+        await subscriber.stop()
+    return {instance: index.cached_blocks(instance) for instance in index.instances()}
+
+
 def _uptime(seconds: float) -> str:
     seconds = int(max(0, seconds))
     if seconds < 60:
@@ -52,7 +77,7 @@ def _uptime(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def render_table(records: list[InstanceRecord]) -> None:
+def render_table(records: list[InstanceRecord], blocks: dict[str, int]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -66,6 +91,8 @@ def render_table(records: list[InstanceRecord]) -> None:
             load += f", {r.load.slots_busy}/{r.load.slots_total} slots"
         if r.load.kv_blocks_total:
             load += f", KV {r.load.kv_blocks_used}/{r.load.kv_blocks_total} blocks"
+        if r.instance_id in blocks:
+            load += f", {blocks[r.instance_id]} cached blocks"
         if r.draining:
             load += " (stopping)"
         table.add_row(
@@ -94,32 +121,39 @@ def ps(
     from dynamo_run.distributed.nats_connect import NatsError, connect_nats
     from dynamo_run.distributed.nats_embedded import read_state, state_dir
 
-    async def main() -> list[InstanceRecord] | None:
+    async def main() -> tuple[list[InstanceRecord], dict[str, int]] | None:
         if not nats_url and read_state(state_dir()) is None:
             return None  # no embedded server on this host: don't start one just to look
         conn = await connect_nats(nats_url, token=nats_token, name="dynamo-run ps")
         try:
-            return await live_instances(conn.client, namespace)
+            records = await live_instances(conn.client, namespace)
+            blocks = await cached_blocks(conn.client, namespace) if records else {}
+            return records, blocks
         finally:
             await conn.close()
 
     try:
-        records = asyncio.run(main())
+        found = asyncio.run(main())
     except NatsError as exc:
         print(f"dynamo-run: error: {exc}", file=sys.stderr)
         raise typer.Exit(1) from None
-    if records is None:
+    if found is None:
         if as_json:
             print("[]")
         else:
             print("no NATS server is running on this host: no workers", file=sys.stderr)
         return
+    records, blocks = found
     if as_json:
-        print(json.dumps([msgspec.to_builtins(r) for r in records], indent=2))
+        rows = [
+            {**msgspec.to_builtins(r), "kv_cached_blocks": blocks.get(r.instance_id)}
+            for r in records
+        ]
+        print(json.dumps(rows, indent=2))
     elif not records:
         print("no live worker instances", file=sys.stderr)
     else:
-        render_table(records)
+        render_table(records, blocks)
 
 
 def main(argv: list[str]) -> int:

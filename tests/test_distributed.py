@@ -207,7 +207,7 @@ def test_nats_restart_under_way(procs):
 
 def test_text_and_batch_inputs_over_dyn(nats, procs, tmp_path):
     endpoint = "dyn://cli.backend.generate"
-    start_workers(procs, nats.url, 1, endpoint=endpoint, engine_args={"delay_ms": 0})
+    (worker,) = start_workers(procs, nats.url, 1, endpoint=endpoint, engine_args={"delay_ms": 0})
     shot = run_cli(f"out={endpoint}", "--nats-url", nats.url, "-p", "Echo me please")
     assert shot.returncode == 0, shot.stderr
     assert "Echo me please" in shot.stdout
@@ -220,6 +220,7 @@ def test_text_and_batch_inputs_over_dyn(nats, procs, tmp_path):
     assert result.returncode == 1, result.stderr  # one bad line
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert "first line" in lines[0]["text"] and "second line" in lines[1]["text"]
+    assert lines[0]["instance_id"] == lines[1]["instance_id"] == worker.instance_id
     assert lines[2]["error"]
 
 
@@ -361,3 +362,27 @@ def test_worker_kv_events_replay_from_the_stream(nats, procs, default_card):
     stored, instances = asyncio.run(replay())
     assert instances == {worker.instance_id}
     assert set(expected) <= stored
+
+
+def test_responses_name_the_worker_that_served_them(nats, procs):
+    endpoint = "dyn://hdr.backend.generate"
+    workers = start_workers(procs, nats.url, 2, endpoint=endpoint, engine_args={"delay_ms": 0})
+    fe = start_frontend(procs, nats.url, endpoint)
+    wait_models(fe, [MODEL_NAME])
+    ids = {w.instance_id for w in workers}
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}]}
+    seen = set()
+    with httpx.Client(timeout=30) as http:
+        for _ in range(2):
+            res = http.post(fe.url + "/chat/completions", json=body)
+            assert res.status_code == 200
+            seen.add(res.headers["x-dynamo-worker"])
+        with http.stream(
+            "POST", fe.url + "/chat/completions", json={**body, "stream": True}
+        ) as res:
+            assert res.headers["x-dynamo-worker"] in ids
+            events = [line for line in res.iter_lines() if line.startswith("data:")]
+    assert seen == ids  # round-robin: one each
+    assert events[-1] == "data: [DONE]"
+    first = json.loads(events[0][len("data: ") :])
+    assert first["choices"][0]["delta"]["role"] == "assistant"

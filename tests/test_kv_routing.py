@@ -8,7 +8,13 @@ import time
 import pytest
 from dist_helpers import NatsServer, wait_models
 from http_helpers import MODEL_NAME, metric
-from test_distributed import openai_client, per_instance, start_frontend, start_workers
+from test_distributed import (
+    openai_client,
+    per_instance,
+    ps_json,
+    start_frontend,
+    start_workers,
+)
 
 MOCKER = {"decode_ms_base": 1.0, "decode_ms_per_seq": 0.0, "prefill_ms_per_token": 0.0}
 PROMPTS = [" ".join(f"topic{k} word{i}" for i in range(40)) for k in range(6)]
@@ -65,6 +71,11 @@ def test_kv_router_follows_the_cache_and_spreads_cold_prompts(nats, procs):
     reported = metric(values, "dynamo_frontend_worker_reported_cached_tokens_total")
     assert predicted > 0 and reported >= predicted * 0.9
 
+    # `dynamo-run ps` shows the blocks each worker caches (replayed from the same stream).
+    rows = ps_json(nats.url, "kvr")
+    assert {r["instance_id"]: r["kv_cached_blocks"] for r in rows} == {
+        k: int(v) for k, v in per_instance(fe, "dynamo_frontend_worker_kv_cached_blocks").items()
+    }
     # A frontend started later rebuilds the index from the stream and routes the same way.
     fe.stop()
     fresh = start_frontend(procs, nats.url, endpoint, ["--router-mode", "kv"])

@@ -42,6 +42,8 @@ class InstanceStats:
 class RemoteEngine:
     """Streams one model's requests from the instances ``instances()`` returns."""
 
+    remote = True  # outputs name their worker instance (x-dynamo-worker)
+
     def __init__(
         self,
         model: str,
@@ -102,8 +104,12 @@ class RemoteEngine:
                     self.router.add_active(instance.instance_id, active)
                 self.router.in_flight[instance.instance_id] += 1
                 stream = self.plane.stream(instance.subject, instance.instance_id, Work(attempt))
+                named = False
                 try:
                     async for output in stream:
+                        if not named:  # the first output of each instance says who serves
+                            output = msgspec.structs.replace(output, worker_id=instance.instance_id)
+                            named = True
                         if output.cached_tokens is not None:
                             self.stats.on_cached(instance, output.cached_tokens)
                             if cached_reported:

@@ -88,6 +88,8 @@ async def complete_choices(
                 if result.time_to_first_token is None:
                     result.time_to_first_token = time.perf_counter() - start
             parts[index].append(delta.text)
+            if delta.worker_id is not None:
+                result.worker_id = delta.worker_id
             if delta.logprobs:
                 result.logprobs.extend(delta.logprobs)
             if delta.finish_reason is not None:

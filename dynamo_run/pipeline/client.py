@@ -43,6 +43,7 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    worker_id: str | None = None  # the remote instance serving it, where there is one
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Completion:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     time_to_first_token: float | None = None
     elapsed: float = 0.0
+    worker_id: str | None = None
 
 
 class ModelClient:
@@ -83,6 +85,7 @@ class ModelClient:
         prompt_tokens = len(request.token_ids)
         generated = 0
         cached = 0
+        worker: str | None = None
         outputs = self.engine.generate(request)
         try:
             async for out in outputs:
@@ -90,6 +93,8 @@ class ModelClient:
                     raise EngineFailure(out.error or "the engine failed")
                 if out.cached_tokens is not None:
                     cached = out.cached_tokens
+                if out.worker_id is not None:
+                    worker = out.worker_id
                 generated += len(out.token_ids)
                 text, stopped = stops.push(detok.add(out.token_ids))
                 finish = "stop" if stopped else openai_finish_reason(out.finish_reason)
@@ -104,11 +109,12 @@ class ModelClient:
                         prompt_tokens,
                         generated,
                         cached,
+                        worker,
                     )
                 if finish is not None:
                     return
             # The engine ended without a finish reason: treat as a normal stop.
-            yield Delta(stops.flush(), [], "stop", None, prompt_tokens, generated, cached)
+            yield Delta(stops.flush(), [], "stop", None, prompt_tokens, generated, cached, worker)
         finally:
             await outputs.aclose()
 
@@ -138,6 +144,7 @@ class ModelClient:
             logprobs=logprobs,
             time_to_first_token=first,
             elapsed=time.perf_counter() - start,
+            worker_id=last.worker_id,
         )
 
 

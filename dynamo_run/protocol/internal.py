@@ -69,6 +69,8 @@ class EngineOutput(msgspec.Struct, omit_defaults=True):
     # Prompt tokens whose KV the engine found cached (prefix reuse); reported once.
     cached_tokens: int | None = None
     error: str | None = None
+    # The worker instance that produced these tokens (remote engines; set when it changes).
+    worker_id: str | None = None
 
 
 # KV cache events an engine reports through its event sink (see dynamo_run.engine), so that a

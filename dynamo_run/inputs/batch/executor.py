@@ -74,6 +74,7 @@ class BatchExecutor:
             done.completion_tokens,
             round(done.elapsed * 1000),
             done.finish_reason,
+            worker_id=done.worker_id,
         )
 
     # --- OpenAI batch lines -------------------------------------------------------------

@@ -33,8 +33,9 @@ def text_record(
     elapsed_ms: int = 0,
     finish_reason: str | None = None,
     error: str | None = None,
+    worker_id: str | None = None,
 ) -> dict[str, Any]:
-    return {
+    record = {
         "line": item.line,
         "text": item.prompt_text,
         "response": response,
@@ -44,6 +45,9 @@ def text_record(
         "finish_reason": finish_reason,
         "error": error,
     }
+    if worker_id is not None:  # out=dyn: the worker instance that answered
+        record["instance_id"] = worker_id
+    return record
 
 
 def openai_record(

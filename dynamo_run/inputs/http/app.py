@@ -49,6 +49,7 @@ from dynamo_run.protocol.openai import (
 
 M = TypeVar("M", bound=BaseModel)
 
+WORKER_HEADER = "x-dynamo-worker"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 MAX_BODY_BYTES = 32 << 20  # larger bodies get a 413
 
@@ -148,14 +149,38 @@ class SSEResponse(StreamingResponse):
     """A streamed response whose generator is always closed when the response ends, so a
     client that hangs up releases the engine at once rather than at garbage collection."""
 
-    def __init__(self, content: Any) -> None:
+    def __init__(
+        self, content: Any, late_headers: Callable[[], dict[str, str]] | None = None
+    ) -> None:
         super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.late_headers = late_headers  # headers known once the first event is ready
+        self._events = content
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
+            if self.late_headers is not None:
+                await self._prime()
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            await self._events.aclose()
+
+    async def _prime(self) -> None:
+        """Wait for the first event, then add the headers it made known."""
+        events = self._events
+        try:
+            first = await events.__anext__()
+        except StopAsyncIteration:
+            return
+        assert self.late_headers is not None
+        for name, value in self.late_headers().items():
+            self.headers[name] = value
+
+        async def chained() -> Any:
+            yield first
+            async for event in events:
+                yield event
+
+        self.body_iterator = chained()
 
 
 def _json_body(body: dict[str, Any], status: int = 200) -> Response:
@@ -406,7 +431,13 @@ def _token_texts(client: ModelClient, top_n: int | None) -> TokenTexts | None:
 
 def _stream(gen: Generation, chunks: ChatChunks | CompletionChunks) -> Response:
     gen.info.request_type = "stream"
-    return SSEResponse(sse_events(gen, chunks))
+    if not getattr(gen.client.engine, "remote", False):
+        return SSEResponse(sse_events(gen, chunks))
+    gen.hold_opening = True
+    return SSEResponse(
+        sse_events(gen, chunks),
+        lambda: {WORKER_HEADER: ",".join(gen.workers)} if gen.workers else {},
+    )
 
 
 async def _whole(
@@ -415,7 +446,13 @@ async def _whole(
     """Run every choice to the end and answer with the body built from them (204 if the
     client hung up first)."""
     done = await unless_disconnected(request, collect(gen), gen.info)
-    return Response(status_code=204) if done is None else _json_body(body(done))
+    if done is None:
+        return Response(status_code=204)
+    response = _json_body(body(done))
+    workers = list(dict.fromkeys(c.worker_id for c in done if c.worker_id))
+    if workers:  # out=dyn: which worker instance(s) served it
+        response.headers[WORKER_HEADER] = ",".join(workers)
+    return response
 
 
 def _require_json_object(client: ModelClient) -> None:

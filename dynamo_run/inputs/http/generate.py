@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from starlette.requests import Request
@@ -39,6 +39,10 @@ class Generation:
     arrival: float  # perf_counter() when the request arrived, for TTFT
     info: RequestInfo
     logprobs: int | None = None  # alternatives per token; None: no logprobs
+    # Remote engines: the stream opens with its first token, so that the response headers
+    # can name the worker instance serving it (x-dynamo-worker).
+    hold_opening: bool = False
+    workers: list[str] = field(default_factory=list)
 
     def start_timer(self) -> RequestTimer:
         """Counts the request in flight until ``finish``; called inside the generators'
@@ -62,11 +66,20 @@ async def sse_events(
     last: dict[int, Delta] = {}
     timer = gen.start_timer()
     try:
-        for event in chunks.opening(len(gen.prompts) * gen.n):
-            yield event
+        opening = list(chunks.opening(len(gen.prompts) * gen.n))
+        if not gen.hold_opening:
+            for event in opening:
+                yield event
+            opening = []
         with_logprobs = chunks.texts is not None
         async with contextlib.aclosing(choice_deltas(gen.client, gen.choices())) as deltas:
             async for index, delta in deltas:
+                if delta.worker_id and delta.worker_id not in gen.workers:
+                    gen.workers.append(delta.worker_id)
+                if opening:
+                    for event in opening:
+                        yield event
+                    opening = []
                 timer.tokens(len(delta.token_ids))
                 last[index] = delta
                 if with_logprobs and delta.logprobs:
