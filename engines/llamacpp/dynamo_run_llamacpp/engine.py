@@ -1,16 +1,19 @@
 """The llama.cpp engine: loads a GGUF model, runs the continuous-batching scheduler thread,
-and bridges each request's outputs into an async generator."""
+bridges each request's outputs into an async generator, and reports KV events (what its
+slots and prompt cache hold, in blocks) to a sink when one is set."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import llama_cpp.llama_cpp as L
 
-from dynamo_run.engine import EngineError
+from dynamo_run.engine import EngineError, KvEventSink
+from dynamo_run.kv_blocks import DEFAULT_BLOCK_SIZE
 from dynamo_run.model.card import ModelCard
 from dynamo_run.protocol.internal import EngineOutput, PreprocessedRequest
 from dynamo_run_llamacpp.config import LlamaCppSettings
@@ -27,11 +30,15 @@ class LlamaCppEngine:
     # response_format json_object is enforced with a GBNF grammar (grammar.py).
     supports_json_object = True
 
-    def __init__(self, card: ModelCard, settings: LlamaCppSettings) -> None:
+    def __init__(
+        self, card: ModelCard, settings: LlamaCppSettings, kv_block_size: int = DEFAULT_BLOCK_SIZE
+    ) -> None:
         if card.kind != "gguf":
             raise EngineError(
                 f"llamacpp: '{card.path}' is not a GGUF file; the llamacpp engine runs GGUF models"
             )
+        if kv_block_size < 1:
+            raise EngineError(f"llamacpp: the KV block size must be positive, got {kv_block_size}")
         self.settings = settings
         init_backend(settings.verbose)
         self.model = load_model(card.path, settings)
@@ -51,6 +58,7 @@ class LlamaCppEngine:
             prompt_cache_bytes=settings.prompt_cache_mib << 20,
             threads=(settings.n_threads, settings.n_threads_batch),
             adaptive_threads=bool(settings.adaptive_threads),
+            kv_block_size=kv_block_size,
         )
         self.embedder = Embedder(self.model, settings, min(self.scheduler.n_ctx_seq, 2048))
         self._closed = False
@@ -68,6 +76,21 @@ class LlamaCppEngine:
     @property
     def context_per_sequence(self) -> int:
         return self.scheduler.n_ctx_seq
+
+    @property
+    def kv_block_size(self) -> int:
+        """Tokens per block in KV events (llama.cpp's own cache is per token)."""
+        return self.scheduler.kv_block_size
+
+    def set_kv_event_sink(self, sink: KvEventSink | None) -> None:
+        """Report KV events to ``sink`` (None: stop). Takes effect on the scheduler thread
+        before the next request is admitted: a new sink first gets ``stored`` for what the
+        engine holds then, a replaced one ``cleared``. The sink is called on the scheduler
+        thread. Without a sink the engine computes no block hashes at all."""
+        if self._closed:
+            return
+        with contextlib.suppress(EngineError):  # closed meanwhile: it holds nothing
+            self.scheduler.call(lambda: self.scheduler.set_kv_sink(sink))
 
     def stats(self) -> dict[str, Any]:
         """Counters and per-slot cache sizes; ``overhead_ms_per_step`` is the time a step
@@ -90,6 +113,7 @@ class LlamaCppEngine:
             thread_switches=s.guard.switches if s.guard else 0,
             prompt_cache_entries=len(s.prompt_cache or ()),
             prompt_cache_mib=round((s.prompt_cache.size if s.prompt_cache else 0) / 2**20, 1),
+            kv_blocks_held=len(kv.refs) if (kv := s.kv) is not None else None,
             decode_only_ms={
                 n: (steps, round(1000.0 * secs / steps, 3))
                 for n, (steps, secs) in sorted(s.decode_only.items())

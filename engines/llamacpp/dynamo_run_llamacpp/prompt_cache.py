@@ -5,16 +5,23 @@ request (llama-server keeps such a cache too, ``--cache-ram``).
 The scheduler saves a slot's state just before a new request overwrites it, and restores
 an entry into the slot chosen for a request when the entry shares a clearly longer prefix
 with the prompt than anything still in a slot. Everything runs on the scheduler thread.
+
+While the engine reports KV events (kv_events.py), each entry holds the block hashes of its
+tokens in the scheduler's :class:`KvTracker` from its save until it is dropped.
 """
 
 from __future__ import annotations
 
 import ctypes
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import llama_cpp.llama_cpp as L
 import numpy as np
+
+if TYPE_CHECKING:
+    from dynamo_run_llamacpp.kv_events import KvTracker
 
 # Worth saving: a slot holding fewer tokens is cheap to decode again.
 MIN_SAVE_TOKENS = 16
@@ -29,6 +36,7 @@ RESTORE_RATIO = 64
 class Entry:
     tokens: np.ndarray  # int32, the positions 0..n-1 the state holds
     state: np.ndarray  # uint8, llama_state_seq_get_data's bytes
+    hashes: list[int] = field(default_factory=list)  # its full blocks' chain, while tracked
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -51,12 +59,17 @@ class PromptCache:
         self.saved = 0
         self.restored = 0
         self.restored_tokens = 0
+        self.kv: KvTracker | None = None  # set by the scheduler while it reports KV events
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def save(self, seq_id: int, tokens: np.ndarray) -> bool:
-        """Keep the KV of ``seq_id``, which holds ``tokens``; False if not worth it."""
+    def entries(self) -> list[Entry]:
+        return list(self._entries.values())
+
+    def save(self, seq_id: int, tokens: np.ndarray, hashes: list[int] | None = None) -> bool:
+        """Keep the KV of ``seq_id``, which holds ``tokens`` (``hashes``: the chain of their
+        full blocks, when KV events are reported); False if not worth it."""
         n = len(tokens)
         if not self.capacity or n < MIN_SAVE_TOKENS:
             return False
@@ -76,7 +89,10 @@ class PromptCache:
             return False
         while self._entries and self.size + size > self.capacity:
             self._drop(next(iter(self._entries)))
-        self._entries[self._next_key] = Entry(tokens.copy(), state)
+        entry = self._entries[self._next_key] = Entry(tokens.copy(), state)
+        if self.kv is not None:
+            entry.hashes = list(hashes) if hashes is not None else self.kv.chain(entry.tokens)
+            self.kv.hold(entry.hashes, None)
         self._next_key += 1
         self.size += size
         self.saved += 1
@@ -94,9 +110,9 @@ class PromptCache:
                 best_key, best_shared = key, shared
         return None if best_key is None else (best_key, best_shared)
 
-    def restore(self, key: int, seq_id: int) -> np.ndarray | None:
-        """Load the entry into the (emptied) ``seq_id``; the tokens it now holds, or None
-        if llama.cpp refused the state."""
+    def restore(self, key: int, seq_id: int) -> Entry | None:
+        """Load the entry into the (emptied) ``seq_id``; the entry (the tokens it now holds),
+        or None if llama.cpp refused the state."""
         entry = self._entries[key]
         self._entries.move_to_end(key)
         ptr = entry.state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
@@ -104,8 +120,10 @@ class PromptCache:
             self._drop(key)
             return None
         self.restored += 1
-        return entry.tokens
+        return entry
 
     def _drop(self, key: int) -> None:
         entry = self._entries.pop(key)
         self.size -= len(entry.state)
+        if self.kv is not None:
+            self.kv.release(entry.hashes)

@@ -6,6 +6,9 @@ one and hands the outputs to the requests' asyncio queues.
 Each parallel sequence id is a *slot* whose KV cache outlives the request that filled it,
 so a new request is placed in the free slot sharing the longest prefix with its prompt
 and only the rest of its prompt is decoded.
+
+With a KV event sink set, every change to what the slots and the prompt cache hold is
+reported in whole blocks (kv_events.py); without one, none of that runs.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Any
 import llama_cpp.llama_cpp as L
 import numpy as np
 
-from dynamo_run.engine import EngineError
+from dynamo_run.engine import EngineError, KvEventSink
+from dynamo_run.kv_blocks import DEFAULT_BLOCK_SIZE
 from dynamo_run.protocol.internal import (
     FINISH_ERROR,
     FINISH_LENGTH,
@@ -32,6 +36,7 @@ from dynamo_run.protocol.internal import (
     PreprocessedRequest,
     TokenLogprob,
 )
+from dynamo_run_llamacpp.kv_events import KvTracker
 from dynamo_run_llamacpp.native import Batch
 from dynamo_run_llamacpp.prompt_cache import PromptCache
 from dynamo_run_llamacpp.sampling import build_chain, needs_chain, token_logprob
@@ -93,13 +98,15 @@ class Sequence:
 class Slot:
     """A llama.cpp sequence id and the tokens whose KV it currently holds."""
 
-    __slots__ = ("n", "seq", "seq_id", "tokens")
+    __slots__ = ("hashes", "n", "seq", "seq_id", "tokens")
 
     def __init__(self, seq_id: int, capacity: int) -> None:
         self.seq_id = seq_id
         self.tokens = np.zeros(capacity, dtype=np.int32)
         self.n = 0
         self.seq: Sequence | None = None
+        # While KV events are reported: the chain of hashes of tokens[:n]'s full blocks.
+        self.hashes: list[int] = []
 
 
 class Handoff:
@@ -165,6 +172,7 @@ class Scheduler:
         prompt_cache_bytes: int = 0,
         threads: tuple[int, int] = (1, 1),
         adaptive_threads: bool = False,
+        kv_block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> None:
         self.ctx = ctx
         self.vocab = vocab
@@ -189,6 +197,8 @@ class Scheduler:
         self.guard = ThreadGuard(max(threads)) if adaptive_threads and max(threads) > 1 else None
         self._logit_views: dict[tuple[int | None, int], np.ndarray] = {}
         self.prompt_cache = PromptCache(ctx, prompt_cache_bytes) if prompt_cache_bytes else None
+        self.kv_block_size = kv_block_size
+        self.kv: KvTracker | None = None  # reports KV events while a sink is set
         self.counters = {
             "steps": 0,
             "decode_s": 0.0,
@@ -239,6 +249,36 @@ class Scheduler:
         self._thread.join()
 
     # --- the scheduler thread ---------------------------------------------------------
+    def set_kv_sink(self, sink: KvEventSink | None) -> None:
+        """Report KV events to ``sink`` from now on (None: stop). A sink replaced is told
+        ``cleared``; a new one first gets ``stored`` for everything held now. Runs on the
+        scheduler thread (through :meth:`call`)."""
+        old = self.kv
+        if old is not None and old.sink is sink:
+            return
+        self.kv = None
+        cache = self.prompt_cache
+        if old is not None:
+            old.clear()
+            for slot in self.slots:
+                slot.hashes = []
+            if cache is not None:
+                cache.kv = None
+                for entry in cache.entries():
+                    entry.hashes = []
+        if sink is None:
+            return
+        kv = KvTracker(self.kv_block_size, sink)
+        for slot in self.slots:
+            slot.hashes = []
+            kv.extend(slot.hashes, slot.tokens[: slot.n])
+        if cache is not None:
+            for entry in cache.entries():
+                entry.hashes = kv.chain(entry.tokens)
+                kv.hold(entry.hashes, None)
+            cache.kv = kv
+        self.kv = kv
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -279,6 +319,9 @@ class Scheduler:
             self._release(seq)
         self.active = []
         self._flush()
+        if self.kv is not None:  # the context is about to be freed
+            self.kv.clear()
+            self.kv = None
 
     def _emit(self, seq: Sequence, out: EngineOutput) -> None:
         self._out.append((seq, out))
@@ -337,6 +380,8 @@ class Scheduler:
             if slot is not None:  # its KV may be half-written: forget it
                 L.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
                 slot.n = 0
+                if self.kv is not None:
+                    self.kv.truncate(slot.hashes, 0)
             self._fail(seq, message)
         self.active = []
 
@@ -394,6 +439,8 @@ class Scheduler:
             L.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)  # cannot cut: drop it all
             common = 0
         slot.n = common
+        if self.kv is not None:  # the blocks past the common prefix are gone from the slot
+            self.kv.truncate(slot.hashes, common)
         slot.seq = seq
         seq.slot = slot
         seq.n_fed = common
@@ -408,19 +455,25 @@ class Scheduler:
         cache = self.prompt_cache
         if cache is None:
             return common
+        kv = self.kv
         if slot.n - common >= MIN_LOSS_TO_SAVE:
-            cache.save(slot.seq_id, slot.tokens[: slot.n])
+            cache.save(slot.seq_id, slot.tokens[: slot.n], slot.hashes if kv is not None else None)
         hit = cache.best(prompt, common)
         if hit is None:
             return common
         key, shared = hit
         L.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
-        tokens = cache.restore(key, slot.seq_id)
-        if tokens is None:
+        entry = cache.restore(key, slot.seq_id)
+        if entry is None:
             slot.n = 0
+            if kv is not None:
+                kv.truncate(slot.hashes, 0)
             return 0
+        tokens = entry.tokens
         slot.tokens[: len(tokens)] = tokens
         slot.n = len(tokens)
+        if kv is not None:
+            kv.replace(slot.hashes, entry.hashes)
         self.counters["restored_tokens"] += min(shared, len(prompt) - 1)
         return shared
 
@@ -503,15 +556,21 @@ class Scheduler:
         if rc != 0:
             raise EngineError(f"llama_decode returned {rc}")
 
+        kv = self.kv
         for seq in decoded:
             slot = seq.slot
             slot.tokens[slot.n] = seq.next_token
             slot.n += 1
+            if kv is not None and slot.n % kv.block_size == 0:  # a block is complete
+                kv.extend(slot.hashes, slot.tokens[: slot.n])
         for seq, start, k in chunks:
-            seq.slot.tokens[start : start + k] = seq.prompt[start : start + k]
-            seq.slot.n = start + k
+            slot = seq.slot
+            slot.tokens[start : start + k] = seq.prompt[start : start + k]
+            slot.n = start + k
             seq.n_fed = start + k
             self.counters["prefilled_tokens"] += k
+            if kv is not None:
+                kv.extend(slot.hashes, slot.tokens[: slot.n])
 
         if outputs:
             self._sample(outputs)
