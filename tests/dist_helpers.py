@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -67,74 +68,6 @@ class NatsServer:
 
     def cleanup(self) -> None:
         self.stop()
-        self._tmp.cleanup()
-
-
-class Worker:
-    """``python -m dynamo_run in=dyn://ENDPOINT out=ENGINE [MODEL]`` as a real process
-    (``netns``: run inside that network namespace, e.g. a host of :class:`NetnsHosts`)."""
-
-    def __init__(
-        self,
-        nats_url: str,
-        out: str = "echo",
-        endpoint: str = "dyn://test.backend.generate",
-        model: str | None = None,
-        engine_args: dict[str, object] | None = None,
-        args: list[str] | None = None,
-        env: dict[str, str] | None = None,
-        netns: str | None = None,
-    ) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="dynworker-")
-        self.log_path = Path(self._tmp.name) / "worker.log"
-        argv = [*netns_exec(netns), sys.executable, "-m", "dynamo_run"]
-        argv += [f"in={endpoint}", f"out={out}"]
-        argv += ["--nats-url", nats_url]
-        if model:
-            argv.append(model)
-        if engine_args is not None:
-            path = Path(self._tmp.name) / "engine.json"
-            path.write_text(json.dumps(engine_args))
-            argv += ["--extra-engine-args", str(path)]
-        argv += args or []
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "DYN_LEASE_S": "2"}
-        full_env.update(env or {})
-        self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            argv, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT
-        )
-        self.instance_id = ""
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def wait_ready(self, timeout: float = 60.0) -> Worker:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited {self.proc.returncode}:\n{self.log()}")
-            for line in self.log().splitlines():
-                if " serving " in line and "worker " in line:
-                    self.instance_id = line.split("worker ", 1)[1].split()[0]
-                    return self
-            time.sleep(0.05)
-        raise AssertionError(f"worker not ready in {timeout}s:\n{self.log()}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def cleanup(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
         self._tmp.cleanup()
 
 
@@ -279,3 +212,61 @@ class DynProcess:
             self.proc.wait()
         self._log.close()
         self._tmp.cleanup()
+
+
+class Worker(DynProcess):
+    """``python -m dynamo_run in=dyn://ENDPOINT out=ENGINE [MODEL]`` as a real process
+    (``netns``: run inside that network namespace, e.g. a host of :class:`NetnsHosts`)."""
+
+    def __init__(
+        self,
+        nats_url: str,
+        out: str = "echo",
+        endpoint: str = "dyn://test.backend.generate",
+        model: str | None = None,
+        engine_args: dict[str, object] | None = None,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        netns: str | None = None,
+    ) -> None:
+        argv = [f"in={endpoint}", f"out={out}", "--nats-url", nats_url]
+        if model:
+            argv.append(model)
+        self._args_dir = tempfile.TemporaryDirectory(prefix="dynworker-")
+        if engine_args is not None:
+            path = Path(self._args_dir.name) / "engine.json"
+            path.write_text(json.dumps(engine_args))
+            argv += ["--extra-engine-args", str(path)]
+        argv += args or []
+        super().__init__(argv, netns=netns, env={"DYN_LEASE_S": "2", **(env or {})})
+        self.instance_id = ""
+
+    def wait_ready(self, timeout: float = 60.0) -> Worker:
+        """Until the worker says it serves; remembers its instance id."""
+        self.instance_id = self.wait_for(r"worker (\w+) serving ", timeout)[1]
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        return super().stop(sig, timeout)
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        self._args_dir.cleanup()
+
+
+def start_procs() -> Iterator[list]:
+    """Fixture body: every process a test starts (Worker, Server, DynProcess), killed at the
+    end whatever happened."""
+    started: list = []
+    yield started
+    for proc in started:
+        proc.cleanup()
+
+
+def start_nats() -> Iterator[NatsServer]:
+    """Fixture body: one nats-server for a test module, stopped at the end."""
+    server = NatsServer()
+    try:
+        yield server
+    finally:
+        server.cleanup()

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 from conftest import run_cli
-from dist_helpers import NatsServer, Worker, frontend, wait_models
+from dist_helpers import NatsServer, Worker, frontend, start_nats, start_procs, wait_models
 from http_helpers import MODEL_NAME, metric
 
 LONG_PROMPT = " ".join(f"word{i}" for i in range(120))
@@ -23,18 +23,12 @@ LONG_PROMPT = " ".join(f"word{i}" for i in range(120))
 
 @pytest.fixture(scope="module")
 def nats():
-    server = NatsServer()
-    yield server
-    server.cleanup()
+    yield from start_nats()
 
 
 @pytest.fixture()
 def procs():
-    """Every worker/frontend a test starts, killed at the end whatever happened."""
-    started: list = []
-    yield started
-    for proc in started:
-        proc.cleanup()
+    yield from start_procs()
 
 
 def start_workers(procs, nats_url: str, count: int, **kwargs) -> list[Worker]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from dist_helpers import NatsServer, wait_models
+from dist_helpers import start_nats, start_procs, wait_models
 from http_helpers import MODEL_NAME, metric
 from test_distributed import (
     openai_client,
@@ -22,17 +22,12 @@ PROMPTS = [" ".join(f"topic{k} word{i}" for i in range(40)) for k in range(6)]
 
 @pytest.fixture(scope="module")
 def nats():
-    server = NatsServer()
-    yield server
-    server.cleanup()
+    yield from start_nats()
 
 
 @pytest.fixture()
 def procs():
-    started: list = []
-    yield started
-    for proc in started:
-        proc.cleanup()
+    yield from start_procs()
 
 
 def cached_tokens(fe, prompt: str) -> int:
@@ -106,3 +101,23 @@ def test_round_robin_misses_the_cache_for_contrast(nats, procs):
         assert cached_tokens(fe, prompt) == 0
     # Round-robin sends the repeats to workers 3 and 1: neither holds that prefix.
     assert [cached_tokens(fe, p) for p in PROMPTS[:2]] == [0, 0]
+
+
+@pytest.mark.model
+def test_llamacpp_workers_events_route_repeats_to_their_cache(nats, procs):
+    """Two llamacpp workers on the default model: their KV events steer each repeated
+    prompt back to the worker that holds it, which then reports the prefix as cached."""
+    endpoint = "dyn://kvl.backend.generate"
+    start_workers(
+        procs, nats.url, 2, out="llamacpp", endpoint=endpoint,
+        engine_args={"n_parallel": 2, "n_threads": 1},
+    )  # fmt: skip
+    fe = start_frontend(procs, nats.url, endpoint, ["--router-mode", "kv"])
+    wait_models(fe, [MODEL_NAME])
+    prompts = PROMPTS[:2]
+    assert [cached_tokens(fe, p) for p in prompts] == [0, 0]
+    counts = per_instance(fe, "dynamo_frontend_worker_requests_total")
+    assert sorted(counts.values()) == [1.0, 1.0]  # cold prompts spread
+    wait_index(fe, 2 * 8)
+    for prompt in prompts:
+        assert cached_tokens(fe, prompt) >= 128

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from dist_helpers import DynProcess, NetnsHosts, NetnsUnavailable, Worker, netns_exec
+from dist_helpers import DynProcess, NetnsHosts, NetnsUnavailable, Worker, netns_exec, start_procs
 from http_helpers import MODEL_NAME
 
 CLIENT = Path(__file__).resolve().parent / "two_hosts_client.py"
@@ -70,10 +70,7 @@ def frontend_a(hosts, state_dirs):
 
 @pytest.fixture()
 def procs():
-    started: list = []
-    yield started
-    for proc in started:
-        proc.cleanup()
+    yield from start_procs()
 
 
 def share_url(fe: DynProcess) -> str:
