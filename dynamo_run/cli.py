@@ -113,6 +113,10 @@ def run(
         bool,
         typer.Option(help="--router-mode kv: use the workers' KV events (else predict caches)."),
     ] = True,
+    router_replica_sync: Annotated[
+        bool,
+        typer.Option(help="--router-mode kv: frontends share the load they put on each worker."),
+    ] = False,
     extra_engine_args: Annotated[
         Path | None, typer.Option(help="JSON file of engine-specific arguments.")
     ] = None,
@@ -181,6 +185,7 @@ def run(
         kv_overlap_score_weight=kv_overlap_score_weight,
         router_temperature=router_temperature,
         kv_events=kv_events,
+        router_replica_sync=router_replica_sync,
         extra_engine_args=extra_engine_args,
         request_template=request_template,
         generation_config=generation_config,

@@ -85,6 +85,7 @@ class Flags:
     kv_overlap_score_weight: float = 1.0  # --router-mode kv: weight of the prefill saved
     router_temperature: float = 0.0  # --router-mode kv: 0 = cheapest; > 0 softmax sampling
     kv_events: bool = True  # --router-mode kv: False = predict caches from past decisions
+    router_replica_sync: bool = False  # --router-mode kv: share in-flight load between frontends
     extra_engine_args: Path | None = None
     request_template: Path | None = None
     generation_config: str = "auto"  # auto: model's and llama.cpp's defaults; none: OpenAI's

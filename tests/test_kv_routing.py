@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import pytest
 from dist_helpers import start_nats, start_procs, wait_models
 from http_helpers import MODEL_NAME, metric
@@ -121,3 +122,28 @@ def test_llamacpp_workers_events_route_repeats_to_their_cache(nats, procs):
     wait_index(fe, 2 * 8)
     for prompt in prompts:
         assert cached_tokens(fe, prompt) >= 128
+
+
+def test_replica_sync_shares_load_between_frontends(nats, procs):
+    """Frontend B sees the load frontend A put on a worker and routes around it."""
+    endpoint = "dyn://sync.backend.generate"
+    start_workers(procs, nats.url, 2, endpoint=endpoint, engine_args={"delay_ms": 40})
+    flags = ["--router-mode", "kv", "--kv-overlap-score-weight", "0", "--router-replica-sync"]
+    fe_a = start_frontend(procs, nats.url, endpoint, flags)
+    fe_b = start_frontend(procs, nats.url, endpoint, flags)
+    wait_models(fe_a, [MODEL_NAME])
+    wait_models(fe_b, [MODEL_NAME])
+    long_body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "stream": True}
+    short = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2}
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream("POST", fe_a.url + "/completions", json=long_body) as busy,
+    ):
+        loaded = busy.headers["x-dynamo-worker"]
+        time.sleep(1.5)  # a snapshot or two reaches B
+        # Without sync B would alternate between both workers (its own ties spread).
+        picks = [
+            http.post(fe_b.url + "/completions", json=short).headers["x-dynamo-worker"]
+            for _ in range(3)
+        ]
+    assert loaded not in picks, (loaded, picks)

@@ -18,6 +18,7 @@ from dynamo_run.distributed.kv_index import ApproxKvIndex, KvIndex
 from dynamo_run.distributed.kv_router import KvRouter
 from dynamo_run.distributed.metrics import InstanceCounters
 from dynamo_run.distributed.remote_engine import RemoteEngine
+from dynamo_run.distributed.replica_sync import ReplicaSync
 from dynamo_run.distributed.request_plane import RequestPlaneClient
 from dynamo_run.distributed.router import Router
 from dynamo_run.distributed.wire import InstanceRecord
@@ -34,6 +35,7 @@ class RouterSettings:
     overlap_score_weight: float = 1.0
     temperature: float = 0.0
     kv_events: bool = True
+    replica_sync: bool = False
 
     def build(self) -> Router | KvRouter:
         if self.mode != "kv":
@@ -67,6 +69,9 @@ class RemoteModels:
         self.routing = routing or RouterSettings()
         self.router = self.routing.build()
         self.kv_events: KvEventSubscriber | None = None
+        self.replica_sync: ReplicaSync | None = None
+        if isinstance(self.router, KvRouter) and self.routing.replica_sync:
+            self.replica_sync = ReplicaSync(nc, self.router, endpoint_prefix)
         if isinstance(self.router, KvRouter) and self.routing.kv_events:
             index = self.router.index
             self.kv_events = KvEventSubscriber(nc, endpoint_prefix, index.apply)
@@ -87,6 +92,8 @@ class RemoteModels:
         await self.watcher.start()
         if self.kv_events is not None:
             await self.kv_events.start()
+        if self.replica_sync is not None:
+            await self.replica_sync.start()
         await self.watcher.wait_synced(5.0)
 
     def metrics_collector(self) -> InstanceCounters:
@@ -97,6 +104,8 @@ class RemoteModels:
         await self.watcher.stop()
         if self.kv_events is not None:
             await self.kv_events.stop()
+        if self.replica_sync is not None:
+            await self.replica_sync.stop()
         for task in self._loading.values():
             task.cancel()
 

@@ -54,6 +54,7 @@ class RemoteOutput:
                 flags.kv_overlap_score_weight,
                 flags.router_temperature,
                 flags.kv_events,
+                flags.router_replica_sync,
             ),
             flags.migration_limit,
             self.spec.request_template,

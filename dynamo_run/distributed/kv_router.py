@@ -21,7 +21,7 @@ import itertools
 import math
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from dynamo_run.distributed.kv_index import ApproxKvIndex, KvIndex
 from dynamo_run.distributed.wire import InstanceRecord
@@ -62,6 +62,8 @@ class KvRouter:
         self._random = random.Random(seed)
         self.in_flight: dict[str, int] = defaultdict(int)
         self._active: dict[str, int] = {}  # instance id -> active blocks of its requests
+        # Other frontends' active blocks per instance (--router-replica-sync), added to ours.
+        self.peer_active: Callable[[str], int] | None = None
         self._last_pick: dict[str, int] = {}  # instance id -> sequence number of its last pick
         self._picks = itertools.count()
 
@@ -81,6 +83,10 @@ class KvRouter:
             self._active[instance_id] = left
         else:
             self._active.pop(instance_id, None)
+
+    def active_snapshot(self) -> dict[str, int]:
+        """This router's own active blocks per instance (what replica sync shares)."""
+        return dict(self._active)
 
     def active_blocks(self, instance_id: str) -> int:
         """The instance's decode load as this router counts it."""
@@ -108,9 +114,10 @@ class KvRouter:
         for record in instances:
             overlap = overlaps.get(record.instance_id, 0)
             cached.append(overlap)
-            costs.append(
-                weight * (prompt_blocks - overlap) + self._active.get(record.instance_id, 0)
-            )
+            load = self._active.get(record.instance_id, 0)
+            if self.peer_active is not None:
+                load += self.peer_active(record.instance_id)
+            costs.append(weight * (prompt_blocks - overlap) + load)
         return costs, cached, hashes
 
     def choose(
