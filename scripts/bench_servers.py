@@ -1,8 +1,8 @@
 """The server processes the benchmarks compare: a free loopback port, the default GGUF,
 llama.cpp's own ``llama-server`` binary, and one process started, awaited and stopped.
 
-Shared by bench_http.py, bench_llamacpp.py and bench_batch.py (each is run as
-``python scripts/NAME.py``, so this folder is on ``sys.path``).
+Shared by bench_http.py, bench_llamacpp.py, bench_batch.py and bench_distributed.py (each
+is run as ``python scripts/NAME.py``, so this folder is on ``sys.path``).
 """
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ class Target:
     health: str  # a path that answers 200 once the model is loaded
     body: dict[str, object] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    # For a process that serves no HTTP (a distributed worker): ready once its output
+    # contains this text; ``port`` and ``health`` are then unused.
+    ready_text: str | None = None
+    cwd: Path = ROOT  # e.g. another checkout, to run its ``python -m dynamo_run``
 
 
 class ServerProcess:
@@ -72,7 +76,7 @@ class ServerProcess:
         self._log = log.open("w")
         self.proc = subprocess.Popen(
             target.argv,
-            cwd=ROOT,
+            cwd=target.cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -80,6 +84,8 @@ class ServerProcess:
         )
 
     def _healthy(self) -> bool:
+        if self.target.ready_text is not None:
+            return self.target.ready_text in self.log.read_text(errors="replace")
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
         try:
             conn.request("GET", self.health)

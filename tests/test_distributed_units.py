@@ -1,10 +1,16 @@
-"""The pure parts of distribution: wire format, model card transfer, router, continuation."""
+"""The pure parts of distribution: wire format, model card transfer, router, continuation,
+and the request plane client's stream against a fake NATS connection."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from types import SimpleNamespace
+
+import pytest
 
 from dynamo_run.distributed.remote_engine import _continuation
+from dynamo_run.distributed.request_plane import RequestPlaneClient, WorkerLost
 from dynamo_run.distributed.router import Router
 from dynamo_run.distributed.wire import (
     Ack,
@@ -23,6 +29,7 @@ from dynamo_run.distributed.wire import (
 )
 from dynamo_run.model.card_wire import card_digest, card_from_bytes, card_to_bytes
 from dynamo_run.protocol.internal import (
+    FINISH_LENGTH,
     EngineLoad,
     EngineOutput,
     PreprocessedRequest,
@@ -114,3 +121,70 @@ def test_continuation_sends_prompt_plus_streamed_tokens_with_the_rest_of_the_bud
     assert _continuation(original, [1, 2, 3], [9] * 10) is None
     unbounded = _continuation(request(max_tokens=None), [1, 2, 3], [9])
     assert unbounded is not None and unbounded.stop.max_tokens is None
+
+
+class FakeNats:
+    """What RequestPlaneClient uses of a nats-py client; replies are delivered by hand."""
+
+    is_closed = False
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes, str]] = []
+        self.deliver = None
+
+    def new_inbox(self) -> str:
+        return "_INBOX.test"
+
+    async def subscribe(self, subject: str, cb) -> None:  # type: ignore[no-untyped-def]
+        self.deliver = cb
+
+    async def publish(self, subject: str, data: bytes, reply: str = "") -> None:
+        self.published.append((subject, data, reply))
+
+    async def reply(self, *messages: object) -> None:
+        inbox = self.published[0][2]
+        for message in messages:
+            await self.deliver(SimpleNamespace(subject=inbox, data=encode(message)))
+
+
+def test_request_plane_stream_takes_queued_bursts_in_order_and_times_out_when_silent():
+    async def main() -> None:
+        nc = FakeNats()
+        plane = RequestPlaneClient(nc, ack_timeout=0.05, silence_timeout=0.1)
+        await plane.start()
+
+        # A burst already queued when the stream reads: every message, in order.
+        stream = plane.stream("dyn.ns.c.e.a", "a", Work(request()))
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0.01)
+        await nc.reply(Ack("a"), *(Out(EngineOutput([t])) for t in (5, 6, 7)), End())
+        got = [(await first).token_ids] + [out.token_ids async for out in stream]
+        assert got == [[5], [6], [7]]
+        assert len(nc.published) == 1  # finished: no Cancel
+
+        # A consumer that stops at the last output (before End arrives) sends no Cancel;
+        # one that stops earlier does.
+        for finish, cancels in ((FINISH_LENGTH, 0), (None, 1)):
+            nc.published.clear()
+            stream = plane.stream("dyn.ns.c.e.a", "a", Work(request()))
+            first = asyncio.ensure_future(stream.__anext__())
+            await asyncio.sleep(0.01)
+            await nc.reply(Ack("a"), Out(EngineOutput([5], finish)))
+            assert (await first).token_ids == [5]
+            await stream.aclose()
+            sent = [decode_to_worker(data) for _, data, _ in nc.published[1:]]
+            assert sent == [Cancel("req-1")] * cancels
+
+        # No Ack within ack_timeout; then an Ack and silence beyond silence_timeout.
+        for replies, what in (((), "acknowledged within 0.05 s"), ((Ack("a"),), "answered")):
+            nc.published.clear()
+            stream = plane.stream("dyn.ns.c.e.a", "a", Work(request()))
+            pending = asyncio.ensure_future(stream.__anext__())
+            await asyncio.sleep(0.01)
+            await nc.reply(*replies)
+            with pytest.raises(WorkerLost, match=what):
+                await pending
+            assert decode_to_worker(nc.published[-1][1]) == Cancel("req-1")
+        assert not plane._streams
+
+    asyncio.run(main())
