@@ -389,12 +389,18 @@ def test_lockstep_waits_for_the_consumer(engine: LlamaCppEngine, card: ModelCard
         stats = eng.stats()
     finally:
         asyncio.run(eng.close())
+    started = time.perf_counter()
     free, free_ahead = run_ahead(engine)  # the module's engine: 1 thread, no lockstep
+    free_s = time.perf_counter() - started
     assert engine.settings.lockstep is False
     # Same answer (up to the drift of a prompt partly reused from the module engine's cache).
     assert locked[:8] == free[:8]
     assert locked_ahead <= 1  # at most the step whose outputs are being handed over
-    assert free_ahead >= 2
+    # Running ahead needs decode steps faster than the consumer's 30 ms. When the consumer
+    # set the pace (about 30 ms a token), the engine must have run ahead; on a machine so
+    # loaded that decode set it (steps seen at 57-360 ms under other jobs), it could not.
+    if free_s / 16 < 0.04:
+        assert free_ahead >= 2
     assert stats["handoff_timeouts"] == 0 and stats["handoff_wait_s"] > 0
     assert stats["decode_only_ms"][1][0] == 15  # the steps after the prompt's
     assert "steps" in eng.summary()
