@@ -120,16 +120,6 @@ class KvRouter:
             costs.append(weight * (prompt_blocks - overlap) + load)
         return costs, cached, hashes
 
-    def choose(
-        self,
-        model: str,
-        instances: list[InstanceRecord],
-        token_ids: Sequence[int],
-        exclude: set[str] | frozenset[str] = frozenset(),
-    ) -> tuple[InstanceRecord, int] | None:
-        """Router.choose's interface (what RemoteEngine calls): the same as ``pick``."""
-        return self.pick(model, instances, token_ids, exclude)
-
     def pick(
         self,
         model: str,
@@ -157,6 +147,8 @@ class KvRouter:
         if isinstance(self.index, ApproxKvIndex):
             self.index.record(record.instance_id, hashes)
         return record, cached[chosen]
+
+    choose = pick  # Router.choose's interface, what RemoteEngine calls
 
     def _cheapest(self, candidates: list[InstanceRecord], costs: list[float]) -> int:
         best = min(costs)
