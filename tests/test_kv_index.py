@@ -275,9 +275,10 @@ def test_router_picks_the_instance_with_the_cached_prefix():
     for question in range(5):
         chosen, overlap = router.pick("m", four(), system + tokens(question + 1, 2))
         assert (chosen.instance_id, overlap) == ("w2", 8)
-    # The costs behind it: 10 blocks to prefill on a cold instance, 2 on w2.
+    # The costs behind it: 10 blocks to prefill on a cold instance, 2 on w2, plus the
+    # request's own 10 blocks of load everywhere (nothing in flight shares them).
     costs, cached, hashes = router.costs(four(), system + tokens(1, 2))
-    assert cached == [0, 0, 8, 0] and costs == [10, 10, 2, 10] and len(hashes) == 10
+    assert cached == [0, 0, 8, 0] and costs == [20, 20, 12, 20] and len(hashes) == 10
 
 
 def test_router_spreads_cold_prompts_over_idle_instances():
@@ -291,7 +292,7 @@ def test_router_spreads_cold_prompts_over_idle_instances():
     for p in range(8):
         prompt = tokens(p, 3)
         chosen, overlap = router.pick("m", four(), prompt)
-        router.add_active(chosen.instance_id, router.request_blocks(prompt))
+        router.add_active(chosen.instance_id, router.request_keys(prompt))
         picks.append(chosen.instance_id)
         assert overlap == 0
     assert Counter(picks) == {"w0": 2, "w1": 2, "w2": 2, "w3": 2}
@@ -301,24 +302,37 @@ def test_router_spreads_cold_prompts_over_idle_instances():
     assert router.pick("m", four(), tokens(1, 3))[0].instance_id == "w2"
 
 
+def keys(n: int) -> list[object]:
+    """Block keys of other requests' private blocks (nothing shared)."""
+    return [object() for _ in range(n)]
+
+
 def test_router_trades_cache_hits_against_decode_load():
     router = KvRouter(block_size=BS, seed=1)
     prompt = tokens(1, 10)
     router.index.apply("w0", stored(block_hashes(prompt, BS)))
     instances = four()[:2]
-    router.add_active("w0", 5)  # w0: 0 to prefill + 5 active; w1: 10 + 0
+    other = keys(30)  # blocks of other requests in flight on w0
+    router.add_active("w0", other[:5])  # w0: 0 to prefill + 5 active; w1: 10 + 0
     assert router.pick("m", instances, prompt) == (instances[0], 10)
-    router.add_active("w0", 25)  # w0: 30 active > w1's 10 blocks of prefill
+    router.add_active("w0", other[5:])  # w0: 30 active > w1's 10 blocks of prefill
     chosen, overlap = router.pick("m", instances, prompt)
     assert (chosen.instance_id, overlap) == ("w1", 0)
     assert router.active_blocks("w0") == 30
-    router.remove_active("w0", 22)  # 8 active < 10 to prefill
+    router.remove_active("w0", other[:22])  # 8 active < 10 to prefill
     assert router.pick("m", instances, prompt)[0].instance_id == "w0"
-    router.remove_active("w0", 100)  # never below zero
+    router.remove_active("w0", other + keys(5))  # unknown keys: never below zero
     assert router.active_blocks("w0") == 0
+    # Requests sharing a prefix count its blocks once (Dynamo's accounting).
+    shared = router.request_keys(prompt)
+    router.add_active("w0", shared)
+    router.add_active("w0", router.request_keys(prompt))
+    assert router.active_blocks("w0") == 10
+    router.remove_active("w0", shared)
+    assert router.active_blocks("w0") == 10  # the other request still holds them
     # A weight above 1 makes the saved prefill worth more than the load.
     heavy = KvRouter(router.index, block_size=BS, overlap_score_weight=4.0)
-    heavy.add_active("w0", 30)
+    heavy.add_active("w0", keys(30))
     assert heavy.pick("m", instances, prompt)[0].instance_id == "w0"
 
 
@@ -326,12 +340,12 @@ def test_router_with_weight_zero_ignores_the_cache():
     router = KvRouter(block_size=BS, overlap_score_weight=0.0, seed=1)
     prompt = tokens(1, 10)
     router.index.apply("w0", stored(block_hashes(prompt, BS)))
-    router.add_active("w0", 1)
+    router.add_active("w0", keys(1))
     for _ in range(3):
         chosen, overlap = router.pick("m", four()[:2], prompt)
         assert chosen.instance_id == "w1" and overlap == 0
     costs, cached, _ = router.costs(four()[:2], prompt)
-    assert costs == [1, 0] and cached == [10, 0]
+    assert costs == [11, 10] and cached == [10, 0]  # load + the request's own 10 blocks
 
 
 def test_router_skips_excluded_and_prefers_instances_not_draining():
@@ -349,7 +363,7 @@ def test_router_forgets_an_instance_that_left():
     router = KvRouter(block_size=BS, seed=1)
     prompt = tokens(1, 4)
     router.index.apply("w0", stored(block_hashes(prompt, BS)))
-    router.add_active("w0", 3)
+    router.add_active("w0", keys(3))
     router.in_flight["w0"] += 1
     router.remove_instance("w0")
     assert router.index.cached_blocks("w0") == 0 and router.active_blocks("w0") == 0

@@ -4,6 +4,8 @@ prefix it already caches) against the decode load it already carries.
 Dynamo's cost, per live instance, in KV blocks::
 
     cost = overlap_score_weight * (prompt blocks - cached overlap blocks) + active blocks
+           (distinct blocks of the requests in flight there, plus this request's blocks
+           that they do not already hold)
 
 The first term is the prefill the instance would still have to compute; the second is the
 blocks of the requests this router has in flight there (the caller reports them with
@@ -20,8 +22,8 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 from dynamo_run.distributed.kv_index import ApproxKvIndex, KvIndex
 from dynamo_run.distributed.wire import InstanceRecord
@@ -61,7 +63,10 @@ class KvRouter:
         self.temperature = temperature
         self._random = random.Random(seed)
         self.in_flight: dict[str, int] = defaultdict(int)
-        self._active: dict[str, int] = {}  # instance id -> active blocks of its requests
+        # Instance id -> the KV blocks of its requests in flight, counted once however many
+        # requests share them (as Dynamo's router does): a worker serving several requests
+        # on one cached document carries that document's blocks once.
+        self._active: dict[str, Counter[Hashable]] = {}
         # Other frontends' active blocks per instance (--router-replica-sync), added to ours.
         self.peer_active: Callable[[str], int] | None = None
         self._last_pick: dict[str, int] = {}  # instance id -> sequence number of its last pick
@@ -72,25 +77,39 @@ class KvRouter:
         """KV blocks a sequence of this many tokens occupies (a partial last one counts)."""
         return -(-len(token_ids) // self.block_size)
 
-    def add_active(self, instance_id: str, blocks: int) -> None:
-        """A request holding ``blocks`` KV blocks started on the instance."""
-        self._active[instance_id] = self._active.get(instance_id, 0) + blocks
+    def request_keys(self, token_ids: Sequence[int]) -> list[Hashable]:
+        """The KV blocks a request occupies, as keys: its full blocks' chained hashes (shared
+        with other requests of the same prefix) and a key of its own for a partial last one."""
+        keys: list[Hashable] = list(block_hashes(list(token_ids), self.block_size))
+        if len(token_ids) % self.block_size:
+            keys.append(object())
+        return keys
 
-    def remove_active(self, instance_id: str, blocks: int) -> None:
-        """A request holding ``blocks`` KV blocks finished (or failed) on the instance."""
-        left = self._active.get(instance_id, 0) - blocks
-        if left > 0:
-            self._active[instance_id] = left
-        else:
+    def add_active(self, instance_id: str, keys: Iterable[Hashable]) -> None:
+        """A request occupying these block keys started on the instance."""
+        self._active.setdefault(instance_id, Counter()).update(keys)
+
+    def remove_active(self, instance_id: str, keys: Iterable[Hashable]) -> None:
+        """A request occupying these block keys finished (or failed) on the instance."""
+        active = self._active.get(instance_id)
+        if active is None:
+            return
+        for key in keys:
+            left = active.get(key, 0) - 1
+            if left > 0:
+                active[key] = left
+            else:
+                active.pop(key, None)
+        if not active:
             self._active.pop(instance_id, None)
 
     def active_snapshot(self) -> dict[str, int]:
         """This router's own active blocks per instance (what replica sync shares)."""
-        return dict(self._active)
+        return {instance: len(keys) for instance, keys in self._active.items()}
 
     def active_blocks(self, instance_id: str) -> int:
-        """The instance's decode load as this router counts it."""
-        return self._active.get(instance_id, 0)
+        """The instance's decode load as this router counts it (distinct blocks)."""
+        return len(self._active.get(instance_id, ()))
 
     def remove_instance(self, instance_id: str) -> None:
         """Forget an instance that left discovery: its cached blocks and its load."""
@@ -114,7 +133,12 @@ class KvRouter:
         for record in instances:
             overlap = overlaps.get(record.instance_id, 0)
             cached.append(overlap)
-            load = self._active.get(record.instance_id, 0)
+            active = self._active.get(record.instance_id)
+            load = len(active) if active else 0
+            # The blocks this request adds to that load: a worker already decoding the same
+            # prefix takes it on for less (Dynamo's cost counts the new request's blocks too).
+            partial = prompt_blocks - len(hashes)
+            load += partial + (sum(h not in active for h in hashes) if active else len(hashes))
             if self.peer_active is not None:
                 load += self.peer_active(record.instance_id)
             costs.append(weight * (prompt_blocks - overlap) + load)

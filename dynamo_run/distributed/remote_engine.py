@@ -98,9 +98,9 @@ class RemoteEngine:
                 self.stats.on_request(instance)
                 block_size = getattr(self.router, "block_size", 0)
                 self.stats.on_route(instance, choice[1], choice[1] * block_size)
-                active = 0
+                active: list = []
                 if isinstance(self.router, KvRouter):
-                    active = self.router.request_blocks(attempt_ids)
+                    active = self.router.request_keys(attempt_ids)
                     self.router.add_active(instance.instance_id, active)
                 self.router.in_flight[instance.instance_id] += 1
                 stream = self.plane.stream(instance.subject, instance.instance_id, Work(attempt))
