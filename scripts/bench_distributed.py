@@ -63,7 +63,7 @@ from bench_llamacpp import (
     start_py_spy,
     stop_py_spy,
 )
-from bench_servers import PY, ROOT, ServerProcess, Target, free_port
+from bench_servers import PY, ROOT, ServerProcess, Target, emit_report, free_port
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -918,12 +918,7 @@ def main() -> int:
         "one nats-server on loopback.",
         "",
     ]
-    text = "\n".join(head + report)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("a") as f:
-            f.write(text + "\n")
+    emit_report("\n".join(head + report), args.out)
     return 0
 
 

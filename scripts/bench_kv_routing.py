@@ -66,7 +66,7 @@ from pathlib import Path
 import httpx
 from bench_distributed import Cluster, wait_instances, wait_quiet
 from bench_llamacpp import machine_busy_seconds, pct
-from bench_servers import PY, ROOT, Target
+from bench_servers import PY, ROOT, Target, emit_report
 
 CORES = len(os.sched_getaffinity(0))
 MODEL = "SmolLM2-135M-Instruct"
@@ -693,12 +693,7 @@ def main() -> int:
         f"every phase its own workers and frontend in a fresh namespace (cold caches).",
         "",
     ]
-    text = "\n".join(head + report)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("a") as f:
-            f.write(text + "\n")
+    emit_report("\n".join(head + report), args.out)
     return 0
 
 

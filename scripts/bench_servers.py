@@ -127,3 +127,12 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def emit_report(text: str, out: Path | None) -> None:
+    """Print a benchmark's report and append it to ``out`` (its folder made) when given."""
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as f:
+            f.write(text + "\n")
