@@ -20,8 +20,12 @@ class SamplingOptions(msgspec.Struct, omit_defaults=True):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    # A GBNF grammar (llama.cpp) or JSON-schema constraint; "json" asks for any JSON object.
+    # Guided decoding. json_object: the output is some JSON object. json_schema: the output
+    # is JSON matching this schema (response_format json_schema, or a forced tool call's
+    # arguments); it wins over json_object. Engines that can enforce these say so with the
+    # class attributes ``supports_json_object`` / ``supports_json_schema``.
     json_object: bool = False
+    json_schema: dict | None = None
 
 
 class StopConditions(msgspec.Struct, omit_defaults=True):
