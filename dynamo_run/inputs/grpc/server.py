@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -70,15 +71,28 @@ async def start_grpc(
             port = server.add_insecure_port(address)
         else:
             port = server.add_secure_port(address, credentials)
-    except RuntimeError as exc:
-        raise GrpcStartError(f"cannot listen on {address} for gRPC: {exc}") from None
-    if port == 0:  # older grpcio reports failure this way
-        raise GrpcStartError(f"cannot listen on {address} for gRPC (in use?)")
+    except RuntimeError:
+        port = 0
+    if port == 0:  # older grpcio says so with port 0, newer ones raise
+        raise GrpcStartError(
+            f"cannot listen on {address} for gRPC: {_why_not(flags.grpc_host, flags.grpc_port)}"
+        )
     try:
         await server.start()
     except Exception as exc:  # a certificate grpc cannot use surfaces here
         raise GrpcStartError(f"cannot start the gRPC server on {address}: {exc}") from None
     return server, port
+
+
+def _why_not(host: str, port: int) -> str:
+    """Why grpc could not bind (it only says that it could not)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, port))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return "the address cannot be bound"
 
 
 def grpc_url(spec: RunSpec, port: int) -> str:
