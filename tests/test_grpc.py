@@ -343,3 +343,41 @@ def test_grpc_is_not_imported_by_help() -> None:
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
     assert "grpc" not in imported and "tritonclient" not in imported
     assert "in=grpc" in done.stdout
+
+
+def test_out_dyn_serves_the_workers_models() -> None:
+    """in=grpc out=dyn: models come from discovery; ModelReady follows the workers."""
+    from dist_helpers import NatsServer, Worker
+
+    nats = NatsServer()
+    worker = Worker(
+        nats.url, endpoint="dyn://grpcdyn.backend.generate", engine_args={"delay_ms": 0}
+    )
+    server = GrpcServer(out="dyn://grpcdyn.backend.generate", args=["--nats-url", nats.url])
+    try:
+        worker.wait_ready()
+        server.wait_ready()
+        client = server.client()
+        deadline = time.monotonic() + 30
+        while not client.is_model_ready(MODEL_NAME) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.is_model_ready(MODEL_NAME)
+        exclude = scalar("exclude_input_in_output", True, "BOOL")
+        assert text_of(client.infer(MODEL_NAME, [text_input("over nats"), exclude])) == "over nats"
+        stream = Stream(client)
+        stream.send([text_input("streamed"), scalar("stream", True, "BOOL")])
+        assert "".join(text_of(r) for r in stream.until_final()) == "streamed"
+        client.stop_stream()
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("other-model", [text_input("x")])
+        assert _code(info.value) == "StatusCode.UNAVAILABLE"  # as HTTP's 503: may come later
+        assert worker.stop() == 0
+        deadline = time.monotonic() + 10
+        while client.is_model_ready(MODEL_NAME) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not client.is_model_ready(MODEL_NAME)
+        assert server.stop() == 0
+    finally:
+        server.cleanup()
+        worker.cleanup()
+        nats.cleanup()
