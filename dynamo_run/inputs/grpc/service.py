@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -195,6 +196,27 @@ class _Answer:
         self.id = request.id
         self.outputs = parsed.outputs
         self.prefix = parsed.prompt if parsed.prepend_prompt() else ""
+        self.head: bytes | None = None  # see delta_bytes
+
+    def delta_bytes(self, text: str) -> bytes:
+        """A streamed, non-final ModelStreamInferResponse carrying ``text``, serialized by
+        hand: the per-token path. A serialized message followed by more fields is the
+        message with those fields added, so the part that never changes (names, id, the
+        output's metadata, the final flag) is serialized once per request and each chunk
+        appends its raw_output_contents and wraps the result as infer_response."""
+        if self.head is None:
+            head = pb.ModelInferResponse(model_name=self.model, model_version=MODEL_VERSION)
+            if self.id:
+                head.id = self.id
+            head.outputs.add(name=TEXT_OUTPUT, datatype="BYTES", shape=[1])
+            set_parameter(head.parameters, FINAL, False)
+            self.head = head.SerializeToString()
+        if self.prefix:
+            text, self.prefix = self.prefix + text, ""
+        data = text.encode()
+        element = _LENGTH.pack(len(data)) + data
+        inner = self.head + _RAW_OUTPUT + _varint(len(element)) + element
+        return _INFER_RESPONSE + _varint(len(inner)) + inner
 
     def response(self, text: str, last: Delta | None, streaming: bool) -> pb.ModelInferResponse:
         response = pb.ModelInferResponse(model_name=self.model, model_version=MODEL_VERSION)
@@ -251,7 +273,7 @@ class InferenceService:
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
                 self.ModelStreamInfer,
                 request_deserializer=pb.ModelInferRequest.FromString,
-                response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+                response_serializer=_serialize,
             ),
         }
         return grpc.method_handlers_generic_handler(SERVICE, methods)
@@ -377,7 +399,7 @@ class InferenceService:
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    ) -> AsyncIterator[pb.ModelStreamInferResponse | bytes]:
         """Triton's decoupled streaming: the requests of one stream run concurrently, each
         answered by one response per generated chunk (stream=true) or one whole response,
         the last flagged ``triton_final_response``. Ends once the client stops sending and
@@ -386,7 +408,7 @@ class InferenceService:
             self._authorize(context)
         except RpcError as exc:
             await context.abort(exc.code, exc.message)
-        queue: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        queue: asyncio.Queue[pb.ModelStreamInferResponse | bytes | None] = asyncio.Queue()
         reader = asyncio.create_task(self._read_stream(requests, queue))
         try:
             while (item := await queue.get()) is not None:
@@ -433,10 +455,14 @@ class InferenceService:
                 queue.put_nowait(_streamed(answer.response(text, last, streaming=True)))
                 return
             async with contextlib.aclosing(self._deltas(client, parsed, arrival)) as deltas:
+                fast = TEXT_OUTPUT in parsed.outputs
                 async for delta in deltas:
-                    final = delta if delta.finish_reason is not None else None
-                    if delta.text or final is not None:
-                        queue.put_nowait(_streamed(answer.response(delta.text, final, True)))
+                    if delta.finish_reason is not None:
+                        queue.put_nowait(_streamed(answer.response(delta.text, delta, True)))
+                    elif fast and delta.text:
+                        queue.put_nowait(answer.delta_bytes(delta.text))
+                    elif delta.text:
+                        queue.put_nowait(_streamed(answer.response(delta.text, None, True)))
         except asyncio.CancelledError:
             status = "CANCELLED"
             raise
@@ -446,6 +472,25 @@ class InferenceService:
             queue.put_nowait(pb.ModelStreamInferResponse(error_message=error.message))
         finally:
             self.metrics.count_request(model, ENDPOINT_STREAM, stream_type, status)
+
+
+_LENGTH = struct.Struct("<I")  # a raw BYTES element's length prefix
+_RAW_OUTPUT = b"\x32"  # ModelInferResponse.raw_output_contents: field 6, length-delimited
+_INFER_RESPONSE = b"\x12"  # ModelStreamInferResponse.infer_response: field 2, length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _serialize(message: Any) -> bytes:
+    """Messages, or responses already serialized by hand (``_Answer.delta_bytes``)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 def _streamed(response: pb.ModelInferResponse) -> pb.ModelStreamInferResponse:
