@@ -12,7 +12,11 @@ the best run of each is shown, since the machine is shared.
 Engines: echo (delay 0: the per-token cost of each protocol) and llamacpp on the default model
 (greedy, ignore_eos, fixed max_tokens). Loads: 1 and 4 streams.
 
-Usage: .venv/bin/python scripts/bench_grpc.py [--engines echo,llamacpp] [--out FILE]
+``--floor`` measures grpcio itself instead: one bare ``grpc.aio`` stream yielding
+pre-serialized 7-byte messages, client and server in this process (the least a streamed
+message costs in Python).
+
+Usage: .venv/bin/python scripts/bench_grpc.py [--engines echo,llamacpp] [--floor] [--out FILE]
 """
 
 from __future__ import annotations
@@ -167,6 +171,48 @@ async def run_grpc(
         await client.close()
 
 
+# --- grpcio's floor -------------------------------------------------------------------------
+
+
+async def grpc_floor(messages: int) -> str:
+    """Messages per second and CPU per message of a bare grpc.aio stream."""
+    import grpc
+
+    message = b"\x12\x05hello"
+
+    async def handler(requests: Any, context: Any) -> AsyncIterator[bytes]:
+        async for _ in requests:
+            for _ in range(messages):
+                yield message
+            return
+
+    server = grpc.aio.server()
+    method = grpc.stream_stream_rpc_method_handler(
+        handler, request_deserializer=bytes, response_serializer=bytes
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("f.F", {"S": method}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+
+    async def one() -> AsyncIterator[bytes]:
+        yield b"go"
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.stream_stream(
+            "/f.F/S", request_serializer=bytes, response_deserializer=bytes
+        )
+        wall, cpu = time.perf_counter(), time.process_time()
+        received = 0
+        async for _ in call(one()):
+            received += 1
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    await server.stop(None)
+    return (
+        f"grpc.aio floor: {received} messages, {received / wall:.0f} messages/s, "
+        f"{1e6 * cpu / received:.0f} us CPU per message (client and server together)"
+    )
+
+
 # --- engines ------------------------------------------------------------------------------
 
 
@@ -280,8 +326,12 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per model answer")
     parser.add_argument("--model-duration", type=float, default=15.0)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--floor", action="store_true", help="measure bare grpc.aio only")
     parser.add_argument("--out", type=Path, help="also append the markdown report here")
     args = parser.parse_args()
+    if args.floor:
+        emit_report(asyncio.run(grpc_floor(20000)), args.out)
+        return 0
     args.clients = [int(c) for c in args.clients.split(",")]
     table = engines(args)
     load_before = os.getloadavg()[0]
