@@ -237,3 +237,25 @@ def test_spec_inputs_and_ports() -> None:
         parse_run_spec(["in=grpc"], Flags(grpc_port=0))
     with pytest.raises(SpecError, match="both 9000"):
         parse_run_spec(["in=http,grpc"], Flags(http_port=9000, grpc_port=9000))
+
+
+def test_hand_serialized_chunks_equal_protobufs(card: ModelCard) -> None:
+    """``delta_bytes`` (the per-token path) decodes to the message protobuf would build."""
+    from dynamo_run.inputs.grpc.service import _Answer
+
+    request = _request(text_input=("BYTES", ["héllo".encode()]), stream=("BOOL", [True]))
+    request.id = "req-7"
+    parsed = parse_infer_request(request)
+    parsed.exclude_input = False  # the first chunk carries the prompt too
+    client = ModelClient(card, EchoEngine(0))
+    for text in ("", "a", "ü" * 300):  # lengths needing one and two varint bytes
+        fast = _Answer(request, client, parsed)
+        slow = _Answer(request, client, parsed)
+        got = pb.ModelStreamInferResponse.FromString(fast.delta_bytes(text))
+        want = pb.ModelStreamInferResponse(infer_response=slow.response(text, None, True))
+        assert got == want
+        assert got.infer_response.raw_output_contents[0] == bytes_raw([f"héllo{text}".encode()])
+        # Later chunks: the same head, without the prompt.
+        assert pb.ModelStreamInferResponse.FromString(fast.delta_bytes(text)) == (
+            pb.ModelStreamInferResponse(infer_response=slow.response(text, None, True))
+        )
