@@ -23,7 +23,8 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_errors
 
 EXAMPLES = """\
-[bold]Inputs[/]  in=text (default) | in=http | in=batch:FILE.jsonl | in=dyn://ns.component.endpoint
+[bold]Inputs[/]  in=text (default) | in=http | in=grpc | in=http,grpc | in=batch:FILE.jsonl
+        | in=dyn://ns.component.endpoint
 [bold]Outputs[/] out=auto (default) | echo | mocker | llamacpp | vllm | sglang | trtllm
         | dyn | dyn://ns.component.endpoint
 [bold]MODEL[/]   a GGUF file, a Hugging Face folder, or a Hugging Face repo id; default: SmolLM2-135M-Instruct
@@ -35,6 +36,7 @@ EXAMPLES = """\
   dynamo-run in=text out=llamacpp model.gguf      chat with a GGUF model
   echo "Why is the sky blue?" | dynamo-run        answer one question and exit
   dynamo-run in=http out=llamacpp --http-port 8080    OpenAI-compatible server
+  dynamo-run in=grpc out=llamacpp                 KServe v2 / Triton gRPC server on :8001
   dynamo-run in=batch:prompts.jsonl out=auto      run a JSONL file, write output.jsonl
   dynamo-run in=dyn://ns.backend.generate out=llamacpp   serve the model as a worker
   dynamo-run in=http out=dyn                      frontend for every worker found
@@ -91,8 +93,16 @@ def run(
     kv_cache_block_size: Annotated[int | None, typer.Option(help="KV cache block size.")] = None,
     http_host: Annotated[str, typer.Option(help="in=http: address to bind.")] = "127.0.0.1",
     http_port: Annotated[int, typer.Option(help="in=http: port to bind.")] = 8000,
-    tls_cert_path: Annotated[Path | None, typer.Option(help="in=http: TLS certificate.")] = None,
-    tls_key_path: Annotated[Path | None, typer.Option(help="in=http: TLS private key.")] = None,
+    grpc_host: Annotated[str, typer.Option(help="in=grpc: address to bind.")] = "127.0.0.1",
+    grpc_port: Annotated[
+        int, typer.Option(help="in=grpc: port to bind (Triton's gRPC port).")
+    ] = 8001,
+    tls_cert_path: Annotated[
+        Path | None, typer.Option(help="in=http/grpc: TLS certificate.")
+    ] = None,
+    tls_key_path: Annotated[
+        Path | None, typer.Option(help="in=http/grpc: TLS private key.")
+    ] = None,
     migration_limit: Annotated[
         int, typer.Option(help="Retries of a request on another worker.")
     ] = 0,
@@ -148,7 +158,7 @@ def run(
         ),
     ] = None,
     api_key: Annotated[
-        str | None, typer.Option(envvar="DYN_API_KEY", help="in=http: require this key.")
+        str | None, typer.Option(envvar="DYN_API_KEY", help="in=http/grpc: require this key.")
     ] = None,
     prompt: Annotated[
         str | None, typer.Option("--prompt", "-p", help="in=text: answer this and exit.")
@@ -178,6 +188,8 @@ def run(
         kv_cache_block_size=kv_cache_block_size,
         http_host=http_host,
         http_port=http_port,
+        grpc_host=grpc_host,
+        grpc_port=grpc_port,
         tls_cert_path=tls_cert_path,
         tls_key_path=tls_key_path,
         migration_limit=migration_limit,

@@ -11,7 +11,7 @@ from dynamo_run.engine import Engine, EngineConfig, EngineError, load_engine_fac
 from dynamo_run.model.card import ModelCard, ModelCardError, load_model_card
 from dynamo_run.model.resolve import ModelNotFoundError
 from dynamo_run.pipeline.client import ModelClient
-from dynamo_run.spec import RunSpec
+from dynamo_run.spec import SERVER_INPUTS, RunSpec
 
 log = logging.getLogger("dynamo_run")
 
@@ -20,6 +20,8 @@ INPUT_RUNNERS: dict[str, str] = {
     "text": "dynamo_run.inputs.text.shell:run_text",
     "batch": "dynamo_run.inputs.batch.run:run_batch",
     "http": "dynamo_run.inputs.http.server:run_http",
+    "grpc": "dynamo_run.inputs.grpc.server:run_grpc",
+    "http,grpc": "dynamo_run.inputs.grpc.server:run_http_grpc",
     "dyn": "dynamo_run.inputs.dyn.worker:run_worker",
 }
 
@@ -115,7 +117,7 @@ async def run_async(spec: RunSpec) -> int:
         from dynamo_run.distributed.frontend_runner import RemoteOutput
 
         remote = RemoteOutput(spec)
-        loading = asyncio.create_task(remote.load(for_http=spec.input.kind == "http"))
+        loading = asyncio.create_task(remote.load(for_http=spec.input.kind in SERVER_INPUTS))
     try:
         return await run_input(loading, spec)
     finally:

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-INPUTS = ("text", "http", "batch", "dyn")
+INPUTS = ("text", "http", "grpc", "http,grpc", "batch", "dyn")
+# Inputs that serve every model of out=dyn (a directory) rather than wait for one.
+SERVER_INPUTS = ("http", "grpc", "http,grpc")
 ENGINE_OUTPUTS = ("echo", "mocker", "llamacpp", "vllm", "sglang", "trtllm", "auto")
 OUTPUTS = (*ENGINE_OUTPUTS, "dyn")
 ROUTER_MODES = ("random", "round-robin", "kv")
@@ -53,7 +55,7 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class InputSpec:
-    kind: str  # text | http | batch | dyn
+    kind: str  # text | http | grpc | http,grpc | batch | dyn
     batch_path: Path | None = None
     endpoint: Endpoint | None = None
 
@@ -78,6 +80,8 @@ class Flags:
     kv_cache_block_size: int | None = None
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 8001  # Triton's gRPC port, so Triton clients' default address works
     tls_cert_path: Path | None = None
     tls_key_path: Path | None = None
     migration_limit: int = 0
@@ -113,8 +117,16 @@ class RunSpec:
 def parse_input(value: str) -> InputSpec:
     if value == "text":
         return InputSpec("text")
-    if value == "http":
-        return InputSpec("http")
+    if value in ("http", "grpc"):
+        return InputSpec(value)
+    if "," in value:
+        kinds = sorted({k.strip() for k in value.split(",")})
+        if kinds == ["grpc", "http"]:
+            return InputSpec("http,grpc")
+        raise SpecError(
+            f"in={value}: only http and grpc run together (in=http,grpc); "
+            "other inputs run one per process"
+        )
     if value == "batch" or value.startswith("batch:"):
         path = value.partition(":")[2]
         if not path:
@@ -124,7 +136,7 @@ def parse_input(value: str) -> InputSpec:
         return InputSpec("dyn", endpoint=Endpoint.parse(value, "in="))
     raise SpecError(
         f"in={value}: unknown input{did_you_mean(value, INPUTS)}; "
-        "choose text, http, batch:FILE or dyn://ns.component.endpoint"
+        "choose text, http, grpc, http,grpc, batch:FILE or dyn://ns.component.endpoint"
     )
 
 
@@ -156,6 +168,8 @@ def _load_json_object(path: Path, flag: str) -> dict[str, Any]:
 def _validate_flags(flags: Flags) -> None:
     if not 0 < flags.http_port < 65536:
         raise SpecError(f"--http-port {flags.http_port}: must be between 1 and 65535")
+    if not 0 < flags.grpc_port < 65536:
+        raise SpecError(f"--grpc-port {flags.grpc_port}: must be between 1 and 65535")
     if flags.context_length is not None and flags.context_length <= 0:
         raise SpecError(f"--context-length {flags.context_length}: must be positive")
     if flags.kv_cache_block_size is not None and flags.kv_cache_block_size <= 0:
@@ -231,6 +245,8 @@ def parse_run_spec(args: list[str], flags: Flags) -> RunSpec:
         spec.extra_engine_args = _load_json_object(flags.extra_engine_args, "--extra-engine-args")
     if flags.request_template:
         spec.request_template = _load_json_object(flags.request_template, "--request-template")
+    if spec.input.kind == "http,grpc" and flags.http_port == flags.grpc_port:
+        raise SpecError(f"--http-port and --grpc-port are both {flags.http_port}; use two ports")
     if spec.input.kind == "dyn" and not spec.output.is_engine:
         raise SpecError("in=dyn://... serves an engine; out=dyn cannot be used with it")
     return spec

@@ -107,12 +107,15 @@ def _fail(message: str) -> int:
     return 1
 
 
-async def run_http(loading: asyncio.Task[ModelClient], spec: RunSpec) -> int:
-    """Serve until a signal (exit 0) or a failed model load (exit 1)."""
+async def run_http(
+    loading: asyncio.Task[ModelClient], spec: RunSpec, state: ServerState | None = None
+) -> int:
+    """Serve until a signal (exit 0) or a failed model load (exit 1). ``state``: one shared
+    with another input of the process (in=http,grpc), for its metrics registry."""
     flags = spec.flags
     api_key = flags.api_key or os.environ.get("DYN_API_KEY") or None
     _quiet_uvicorn(flags.verbosity)
-    state = ServerState(loading, FrontendMetrics())
+    state = state or ServerState(loading, FrontendMetrics())
     tls = flags.tls_cert_path is not None
     config = uvicorn.Config(
         create_app(state, api_key),
