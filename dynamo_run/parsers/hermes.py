@@ -1,0 +1,61 @@
+"""Hermes / Qwen format: ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``."""
+
+from __future__ import annotations
+
+import json
+
+from ._base import ToolCall
+from ._marker import MarkerParser
+from ._scan import BracketScanner
+
+OPEN = "<tool_call>"
+CLOSE = "</tool_call>"
+
+
+class HermesParser(MarkerParser):
+    """Calls wrapped in ``<tool_call>`` tags, any number, after optional content.
+
+    The closing tag may be missing at the very end (models often stop right after the JSON).
+    """
+
+    MARKER = OPEN
+
+    def _start_call(self) -> None:
+        self._scanner: BracketScanner | None = None
+        self._obj_end = 0
+
+    def _parse_call(self, final: bool) -> tuple[int, list[ToolCall]] | None:
+        buf = self._buf
+        if self._scanner is None:
+            start = len(buf) - len(buf[len(OPEN) :].lstrip())
+            if start == len(buf):
+                return (len(buf), []) if final else None
+            if buf[start] != "{":
+                return start, []
+            self._scanner = BracketScanner(start)
+            self._obj_start = start
+        if not self._obj_end:
+            end = self._scanner.advance(buf)
+            if end is None:
+                return (len(buf), []) if final else None
+            self._obj_end = end
+        tail = buf[self._obj_end :]
+        rest = tail.lstrip()
+        close_at = len(buf) - len(rest)
+        if rest.startswith(CLOSE):
+            consumed = close_at + len(CLOSE)
+        elif CLOSE.startswith(rest):
+            if not final:
+                return None
+            consumed = len(buf)  # generation stopped before the closing tag: the JSON stands
+        else:
+            return self._obj_end, []
+        call = self._parse_body(buf[self._obj_start : self._obj_end])
+        return consumed, [call] if call else []
+
+    def _parse_body(self, body: str) -> ToolCall | None:
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return None
+        return self._call_from_object(obj)
