@@ -9,6 +9,7 @@ import pytest
 
 from dynamo_run.parsers import (
     REASONING_PARSERS,
+    detect_reasoning_parser,
     parse_tool_calls,
     reasoning_parser,
     split_reasoning,
@@ -133,3 +134,16 @@ def test_content_after_reasoning_feeds_a_tool_call_parser():
         assert [(c.name, c.arguments) for c in tp.calls] == [("get_weather", '{"city": "Oslo"}')]
     _, body = split_reasoning("qwen3", text)
     assert parse_tool_calls("hermes", body)[1][0].name == "get_weather"
+
+
+@pytest.mark.parametrize(
+    "template,expected",
+    [
+        ("{%- if enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}", "qwen3"),
+        ("{% set content = content.split('</think>')[-1] %}<|Assistant|><think>\\n", "deepseek_r1"),
+        ("{{ messages }}", None),
+        (None, None),
+    ],
+)
+def test_detect_reasoning_parser(template, expected):
+    assert detect_reasoning_parser(template) == expected

@@ -155,6 +155,15 @@ CASES = [
         '<tool_call>{"name": "f", "arguments": {}} and more',
         [],
     ),
+    (  # a list of calls inside one tag
+        "hermes",
+        '<tool_call>[{"name": "f", "arguments": {}}, {"name": "g", "arguments": {"b": 1}}]'
+        "</tool_call>",
+        None,
+        "",
+        [("f", {}), ("g", {"b": 1})],
+    ),
+    ("hermes", "<tool_call>[]</tool_call>", None, "<tool_call>[]</tool_call>", []),
     ("hermes", "plain answer", None, "plain answer", []),
     ("hermes", "", None, "", []),
     # llama3_json
@@ -419,6 +428,104 @@ def test_long_arguments_char_by_char_stay_linear():
         parser.feed(ch)
     parser.finish()
     assert json.loads(parser.calls[0].arguments) == {"s": big}
+
+
+# Pieces a model might emit, well-formed or not, per format: random sequences of them, under
+# random chunkings, must stream exactly as they parse in one go, and text that holds no call
+# must come back unchanged.
+PIECES = {
+    "hermes": [
+        '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>',
+        '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>',
+        "<tool_call>",
+        "<tool_call>",
+        "</tool_call>",
+        "<tool_",
+        "\n",
+        " ",
+        "Hi. ",
+        '{"name": "f", "arguments": {"a": 1}}',
+        '{"name": "g"}',
+        '{"name": 3}',
+        '{"a": "}"',
+        "}",
+        "[",
+        "]",
+        '"',
+    ],
+    "llama3_json": [
+        "<|python_tag|>",
+        "<|python",
+        '{"name": "f", "parameters": {"a": [1]}}',
+        '{"name": "g", "arguments": {}}',
+        "; ",
+        ";",
+        " ",
+        "\n",
+        "{",
+        "}",
+        "text",
+        '"',
+    ],
+    "mistral": [
+        '[TOOL_CALLS]f[ARGS]{"a": 1}',
+        '[TOOL_CALLS][{"name": "g", "arguments": {}}]',
+        "[TOOL_CALLS]",
+        "[TOOL_CALLS]",
+        "[TOOL_",
+        '[{"name": "f", "arguments": {}}]',
+        "f[ARGS]",
+        "g[CALL_ID]abc[ARGS]",
+        '{"a": 1}',
+        "[ARGS]",
+        " ",
+        "x",
+        "{",
+        "]",
+        '"',
+    ],
+    "pythonic": [
+        "[f(a=1)]",
+        "[g(s='x]'), f()]",
+        "<|python_start|>",
+        "<|python_end|>",
+        "[",
+        "]",
+        "(",
+        "'",
+        '"""',
+        " ",
+        "text",
+        "f(b=2)",
+    ],
+    "json": [
+        '{"name": "f", "arguments": {}}',
+        '[{"name": "g", "parameters": {"x": null}}]',
+        "[",
+        "{",
+        "}",
+        "]",
+        " ",
+        "text",
+        '"',
+        ",",
+    ],
+}
+
+
+@pytest.mark.parametrize("fmt", TOOL_CALL_PARSERS)
+def test_random_sequences_stream_as_they_parse(fmt):
+    rng = random.Random(fmt)
+    for _ in range(150):
+        text = "".join(rng.choice(PIECES[fmt]) for _ in range(rng.randint(0, 8)))
+        content, calls = parse_tool_calls(fmt, text)
+        if not calls:
+            assert content == text
+        for chunks in chunkings(text)[:4] + chunkings(text)[-2:]:
+            got_content, deltas, got_calls = stream(fmt, chunks)
+            assert got_content == content, (text, chunks)
+            assert shape(got_calls) == shape(calls), (text, chunks)
+            check_deltas(deltas, got_calls)
 
 
 QWEN = (

@@ -4,7 +4,13 @@ Both come as a streaming parser (one per answer, ``feed``/``finish``) and a one-
 function built on it, so a streamed answer and a non-streamed one always agree.
 """
 
-from .reasoning import REASONING_PARSERS, ReasoningParser, reasoning_parser, split_reasoning
+from .reasoning import (
+    REASONING_PARSERS,
+    ReasoningParser,
+    detect_reasoning_parser,
+    reasoning_parser,
+    split_reasoning,
+)
 from .tool_calls import (
     TOOL_CALL_PARSERS,
     ToolCall,
@@ -22,6 +28,7 @@ __all__ = [
     "ToolCall",
     "ToolCallDelta",
     "ToolCallParser",
+    "detect_reasoning_parser",
     "detect_tool_call_parser",
     "parse_tool_calls",
     "reasoning_parser",

@@ -30,7 +30,7 @@ class HermesParser(MarkerParser):
             start = len(buf) - len(buf[len(OPEN) :].lstrip())
             if start == len(buf):
                 return (len(buf), []) if final else None
-            if buf[start] != "{":
+            if buf[start] not in "{[":
                 return start, []
             self._scanner = BracketScanner(start)
             self._obj_start = start
@@ -50,12 +50,14 @@ class HermesParser(MarkerParser):
             consumed = len(buf)  # generation stopped before the closing tag: the JSON stands
         else:
             return self._obj_end, []
-        call = self._parse_body(buf[self._obj_start : self._obj_end])
-        return consumed, [call] if call else []
+        return consumed, self._parse_body(buf[self._obj_start : self._obj_end])
 
-    def _parse_body(self, body: str) -> ToolCall | None:
+    def _parse_body(self, body: str) -> list[ToolCall]:
+        """One call object, or (some models do this) a list of them in one tag; all or none."""
         try:
-            obj = json.loads(body)
+            value = json.loads(body)
         except ValueError:
-            return None
-        return self._call_from_object(obj)
+            return []
+        items = value if isinstance(value, list) else [value]
+        calls = [self._call_from_object(item) for item in items]
+        return calls if calls and all(calls) else []

@@ -83,7 +83,9 @@ class MistralParser(MarkerParser):
             return end, []
         return end, calls
 
-    def _make_call(self, name: object, arguments: object, missing_ok: bool = True):
+    def _make_call(
+        self, name: object, arguments: object, missing_ok: bool = True
+    ) -> ToolCall | None:
         call = super()._make_call(name, arguments, missing_ok)
         if call is not None:
             call.id = mistral_call_id()

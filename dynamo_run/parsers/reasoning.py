@@ -97,6 +97,19 @@ def reasoning_parser(name: str) -> ReasoningParser:
     return ReasoningParser(implicit)
 
 
+def detect_reasoning_parser(chat_template: str | None) -> str | None:
+    """The think-tag parser a chat template implies, or None when it has no think tags.
+
+    A template with an ``enable_thinking`` switch (Qwen3 hybrid) lets the model open
+    ``<think>`` itself or not at all: qwen3. Any other think-tag template (DeepSeek-R1, QwQ,
+    thinking-only Qwen3) may open the block in the prompt: deepseek_r1, which also accepts
+    an opening tag in the output.
+    """
+    if not chat_template or CLOSE not in chat_template:
+        return None
+    return "qwen3" if "enable_thinking" in chat_template else "deepseek_r1"
+
+
 def split_reasoning(name: str, text: str) -> tuple[str | None, str]:
     """Non-streaming split of a whole answer: (reasoning, or None when there is none; content)."""
     parser = reasoning_parser(name)
