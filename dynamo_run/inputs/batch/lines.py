@@ -53,7 +53,7 @@ SAMPLING_KEYS = frozenset(
     }
 )
 TEXT_KEYS = frozenset({"text"}) | SAMPLING_KEYS
-CHAT_KEYS = frozenset({"messages", "tools"}) | SAMPLING_KEYS
+CHAT_KEYS = frozenset({"messages", "tools", "tool_choice", "parallel_tool_calls"}) | SAMPLING_KEYS
 
 
 class LineError(Exception):
