@@ -242,6 +242,13 @@ CASES = [
         "Checking.",
         [("get_weather", {"city": "Paris"}), ("get_time", {})],
     ),
+    (  # [ARGS] left out, whitespace before the object
+        "mistral",
+        '[TOOL_CALLS]get_time{}[TOOL_CALLS] get_weather[ARGS] {"city": "Oslo"}',
+        TOOLS,
+        "",
+        [("get_time", {}), ("get_weather", {"city": "Oslo"})],
+    ),
     (
         "mistral",
         '[TOOL_CALLS][{"name": "f", "arguments": {"a": 1}]',
@@ -301,6 +308,13 @@ CASES = [
     ("pythonic", "[f(a='open", None, "[f(a='open", []),
     ("pythonic", "[other(a=1)]", TOOLS, "[other(a=1)]", []),
     ("pythonic", "[f(a=1)]\nDone.", None, "Done.", [("f", {"a": 1})]),
+    (  # one end tag per call list; a second is text
+        "pythonic",
+        "[f(a=1)]<|python_end|> <|python_end|>",
+        None,
+        "<|python_end|>",
+        [("f", {"a": 1})],
+    ),
     # json (forced calls)
     (
         "json",
@@ -476,6 +490,8 @@ PIECES = {
         '[{"name": "f", "arguments": {}}]',
         "f[ARGS]",
         "g[CALL_ID]abc[ARGS]",
+        "g",
+        "[CALL_ID]",
         '{"a": 1}',
         "[ARGS]",
         " ",

@@ -26,6 +26,7 @@ class LeadingParser(ToolCallParser):
         self._state = "start"  # "start" | "value" | "sep" | "text"
         self._scanner = BracketScanner(0)
         self._start = 0
+        self._tag_ended = False
 
     def _step(self, final: bool) -> bool:
         buf = self._buf
@@ -66,10 +67,12 @@ class LeadingParser(ToolCallParser):
 
     def _step_sep(self, final: bool) -> bool:
         s = self._buf.lstrip()
-        for tag in self.END_TAGS:
+        for tag in () if self._tag_ended else self.END_TAGS:
             if s.startswith(tag):
                 s = s[len(tag) :].lstrip()
-            elif tag.startswith(s) and s and not final:
+                self._tag_ended = True  # one end tag per value; a second one is text
+                break
+            if tag.startswith(s) and s and not final:
                 return False
         self._drop(len(self._buf) - len(s))
         if not s:
@@ -89,6 +92,7 @@ class LeadingParser(ToolCallParser):
 
     def _begin_value(self, start: int) -> None:
         self._state = "value"
+        self._tag_ended = False
         self._start = start
         self._scanner = BracketScanner(start, self.QUOTES, self.TRIPLE)
 

@@ -14,7 +14,8 @@ from ._marker import MarkerParser
 from ._scan import BracketScanner
 
 MARKER = "[TOOL_CALLS]"
-_NAME_FORM = re.compile(r"([\w.\-]+)(?:\[CALL_ID\][\w\-]*)?\[ARGS\]\s*")
+# name, an optional [CALL_ID]id, [ARGS] (some renderings omit it), then the arguments object.
+_NAME_FORM = re.compile(r"([\w.\-]+)(?:\[CALL_ID\][\w\-]*)?(?:\[ARGS\])?\s*(?=\{)")
 _NAME_CHARS = re.compile(r"[\w.\-]*")
 _ID_CHARS = re.compile(r"[\w\-]*")
 _ALNUM = string.ascii_letters + string.digits
@@ -26,14 +27,16 @@ def mistral_call_id() -> str:
 
 
 def _could_become_name_form(text: str) -> bool:
-    """Whether more text could still turn ``text`` into ``name[CALL_ID]id[ARGS]``."""
+    """Whether some continuation of ``text`` matches ``_NAME_FORM`` (else: not a call)."""
     rest = text[_NAME_CHARS.match(text).end() :]
-    if "[ARGS]".startswith(rest) or "[CALL_ID]".startswith(rest):
-        return True
-    if not rest.startswith("[CALL_ID]"):
-        return False
-    rest = rest[len("[CALL_ID]") :]
-    return "[ARGS]".startswith(rest[_ID_CHARS.match(rest).end() :])
+    for tag, tail in (("[CALL_ID]", _ID_CHARS), ("[ARGS]", None)):
+        if rest.startswith(tag):
+            rest = rest[len(tag) :]
+            if tail is not None:
+                rest = rest[tail.match(rest).end() :]
+        elif rest and tag.startswith(rest):
+            return True
+    return not rest.lstrip()
 
 
 class MistralParser(MarkerParser):
@@ -58,10 +61,6 @@ class MistralParser(MarkerParser):
                     if final or not _could_become_name_form(buf[q:]):
                         return q, []
                     return None
-                if m.end() == len(buf):
-                    return (len(buf), []) if final else None
-                if buf[m.end()] != "{":
-                    return m.end(), []
                 self._name = m.group(1)
                 q = m.end()
             self._scanner = BracketScanner(q)

@@ -59,7 +59,7 @@ _TEMPLATE_SIGNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("mistral", ("[TOOL_CALLS]",)),
     ("hermes", ("<tool_call>",)),
     ("llama3_json", ("<|python_tag|>", '"parameters": dictionary of argument name')),
-    ("pythonic", ("[func_name1(", "<|python_start|>")),
+    ("pythonic", ("[func_name1(",)),
 )
 
 
