@@ -372,6 +372,24 @@ def test_content_before_a_marker_streams_at_once_and_a_partial_marker_is_held():
     assert deltas[0].id == parser.calls[0].id
 
 
+@pytest.mark.parametrize(
+    "fmt,opening",
+    [
+        ("llama3_json", "{ is a brace"),
+        ("json", "[1, 2"),
+        ("pythonic", "[1] Smith"),
+        ("hermes", "<tool_call> tags wrap"),
+        ("hermes", "<tool_call>{ x"),
+        ("mistral", "[TOOL_CALLS] is the"),
+        ("mistral", "[TOOL_CALLS][ 1"),
+    ],
+)
+def test_prose_that_opens_like_a_call_streams_without_waiting_for_the_end(fmt, opening):
+    parser = tool_call_parser(fmt)
+    shown = "".join(parser.feed(ch)[0] for ch in opening)
+    assert shown and opening.startswith(shown) and len(shown) >= len(opening) - 4
+
+
 def test_call_is_emitted_as_soon_as_it_is_complete():
     parser = tool_call_parser("mistral")
     _, deltas = parser.feed('[TOOL_CALLS]f[ARGS]{"a": 1}')

@@ -8,7 +8,7 @@ value later on, is content from the first character.
 from __future__ import annotations
 
 from ._base import ToolCall, ToolCallParser
-from ._scan import BracketScanner
+from ._scan import BracketScanner, first_inside, json_first_ok
 
 
 class LeadingParser(ToolCallParser):
@@ -26,6 +26,7 @@ class LeadingParser(ToolCallParser):
         self._state = "start"  # "start" | "value" | "sep" | "text"
         self._scanner = BracketScanner(0)
         self._start = 0
+        self._checked = False
         self._tag_ended = False
 
     def _step(self, final: bool) -> bool:
@@ -36,6 +37,14 @@ class LeadingParser(ToolCallParser):
         if self._state == "start":
             return self._step_start(final)
         if self._state == "value":
+            if not self._checked:
+                ch = first_inside(buf, self._start)
+                if ch is None:
+                    return False
+                if not self._first_ok(buf[self._start], ch):
+                    self._state = "text"
+                    return True
+                self._checked = True
             end = self._scanner.advance(buf)
             if end is None:
                 return False
@@ -92,9 +101,14 @@ class LeadingParser(ToolCallParser):
 
     def _begin_value(self, start: int) -> None:
         self._state = "value"
+        self._checked = False
         self._tag_ended = False
         self._start = start
         self._scanner = BracketScanner(start, self.QUOTES, self.TRIPLE)
+
+    def _first_ok(self, opener: str, ch: str) -> bool:
+        """Whether a value opened by ``opener`` may go on with ``ch``; False makes it text."""
+        return json_first_ok(opener, ch)
 
     def _parse_value(self, text: str) -> list[ToolCall]:
         """The calls a complete value holds; empty when it is not (all) valid calls."""

@@ -59,3 +59,20 @@ class BracketScanner:
             i += 1
         self._i = i
         return None
+
+
+def first_inside(text: str, start: int) -> str | None:
+    """The first non-space character after the opening bracket at ``start``, None if none yet.
+
+    It is enough to reject most prose that merely starts with a bracket (``[1] see``,
+    ``{ is a brace``) at once, instead of holding the whole answer until it ends.
+    """
+    for ch in text[start + 1 :]:
+        if not ch.isspace():
+            return ch
+    return None
+
+
+def json_first_ok(opener: str, ch: str) -> bool:
+    """Whether ``ch`` may open the inside of a call object (a key) or call list (an object)."""
+    return ch == ('"' if opener == "{" else "{")

@@ -6,7 +6,7 @@ import json
 
 from ._base import ToolCall
 from ._marker import MarkerParser
-from ._scan import BracketScanner
+from ._scan import BracketScanner, first_inside, json_first_ok
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
@@ -31,6 +31,11 @@ class HermesParser(MarkerParser):
             if start == len(buf):
                 return (len(buf), []) if final else None
             if buf[start] not in "{[":
+                return start, []
+            ch = first_inside(buf, start)
+            if ch is None:
+                return (len(buf), []) if final else None
+            if not json_first_ok(buf[start], ch):
                 return start, []
             self._scanner = BracketScanner(start)
             self._obj_start = start

@@ -11,7 +11,7 @@ import string
 
 from ._base import ToolCall
 from ._marker import MarkerParser
-from ._scan import BracketScanner
+from ._scan import BracketScanner, first_inside
 
 MARKER = "[TOOL_CALLS]"
 # name, an optional [CALL_ID]id, [ARGS] (some renderings omit it), then the arguments object.
@@ -55,7 +55,13 @@ class MistralParser(MarkerParser):
             q = len(buf) - len(buf[len(MARKER) :].lstrip())
             if q == len(buf):
                 return (len(buf), []) if final else None
-            if buf[q] != "[":
+            if buf[q] == "[":
+                ch = first_inside(buf, q)
+                if ch is None:
+                    return (len(buf), []) if final else None
+                if ch != "{":
+                    return q, []
+            else:
                 m = _NAME_FORM.match(buf, q)
                 if m is None:
                     if final or not _could_become_name_form(buf[q:]):

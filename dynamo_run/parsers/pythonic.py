@@ -57,6 +57,9 @@ class PythonicParser(LeadingParser):
     QUOTES = "\"'"
     TRIPLE = True
 
+    def _first_ok(self, opener: str, ch: str) -> bool:
+        return ch.isidentifier()  # a function name starts the list
+
     def _parse_value(self, text: str) -> list[ToolCall]:
         parsed = parse_pythonic(text)
         if parsed is None:
