@@ -28,7 +28,8 @@ def _penalties(opts: SamplingOptions) -> tuple[float, float, float]:
 def needs_chain(opts: SamplingOptions) -> bool:
     """False when plain argmax picks the same token the full chain would."""
     temperature = DEFAULT_TEMPERATURE if opts.temperature is None else opts.temperature
-    return temperature > 0 or opts.json_object or _penalties(opts) != (1.0, 0.0, 0.0)
+    guided = opts.json_object or opts.json_schema is not None
+    return temperature > 0 or guided or _penalties(opts) != (1.0, 0.0, 0.0)
 
 
 def build_chain(
@@ -37,9 +38,11 @@ def build_chain(
     n_vocab: int,
     history: int,
     default_seed: int | None,
+    grammar: str | None = None,
 ) -> L.llama_sampler_p:
     """A sampler chain for ``opts``; the caller frees it with ``llama_sampler_free``.
-    ``history`` is how many past tokens the repetition penalties look at."""
+    ``history`` is how many past tokens the repetition penalties look at; ``grammar`` is
+    the GBNF of ``opts.json_schema`` (grammar.schema_grammar), which wins over json_object."""
     params = L.llama_sampler_chain_default_params()
     params.no_perf = True
     chain = L.llama_sampler_chain_init(params)
@@ -53,8 +56,10 @@ def build_chain(
     repeat, freq, present = _penalties(opts)
     if (repeat, freq, present) != (1.0, 0.0, 0.0):
         add(L.llama_sampler_init_penalties(n_vocab, history, repeat, freq, present), "penalty")
-    if opts.json_object:
-        add(L.llama_sampler_init_grammar(vocab, JSON_OBJECT_GBNF.encode(), b"root"), "grammar")
+    if grammar is None and opts.json_object:
+        grammar = JSON_OBJECT_GBNF
+    if grammar is not None:
+        add(L.llama_sampler_init_grammar(vocab, grammar.encode(), b"root"), "grammar")
     temperature = DEFAULT_TEMPERATURE if opts.temperature is None else opts.temperature
     if temperature <= 0:
         add(L.llama_sampler_init_greedy(), "greedy")

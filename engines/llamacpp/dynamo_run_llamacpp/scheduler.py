@@ -56,6 +56,7 @@ class Sequence:
         "cancelled",
         "chain",
         "generated",
+        "grammar",
         "loop",
         "max_tokens",
         "min_tokens",
@@ -83,6 +84,7 @@ class Sequence:
             self.prompt = np.array([-1], dtype=np.int64)
         self.slot: Slot | None = None
         self.chain: Any = None
+        self.grammar: str | None = None  # GBNF of sampling.json_schema, set by the engine
         self.n_fed = 0  # prompt tokens whose KV is in the slot
         self.next_token = _NO_TOKEN  # sampled token still to be decoded
         self.generated = 0
@@ -427,6 +429,7 @@ class Scheduler:
                     self.n_vocab,
                     self.n_ctx_seq,
                     self.default_seed,
+                    seq.grammar,
                 )
             except EngineError as exc:
                 self._fail(seq, str(exc))
