@@ -6,6 +6,7 @@ with numpy, which is much cheaper than building llama.cpp's candidate array.
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import llama_cpp.llama_cpp as L
@@ -30,6 +31,39 @@ def needs_chain(opts: SamplingOptions) -> bool:
     temperature = DEFAULT_TEMPERATURE if opts.temperature is None else opts.temperature
     guided = opts.json_object or opts.json_schema is not None
     return temperature > 0 or guided or _penalties(opts) != (1.0, 0.0, 0.0)
+
+
+def greedy_under_grammar(opts: SamplingOptions) -> bool:
+    """True when the chain is exactly [grammar, greedy]: then the unconstrained argmax can be
+    tried first (see GrammarProbe), and the grammar runs over the vocabulary only when it
+    rejects that token."""
+    temperature = DEFAULT_TEMPERATURE if opts.temperature is None else opts.temperature
+    guided = opts.json_object or opts.json_schema is not None
+    return guided and temperature <= 0 and _penalties(opts) == (1.0, 0.0, 0.0)
+
+
+class GrammarProbe:
+    """Asks a grammar sampler whether it accepts one token, on a one-candidate array.
+
+    Applying a grammar to the whole vocabulary costs a walk over every token's text; most
+    steps of a constrained answer pick the token the model prefers anyway, so checking that
+    one token first is much cheaper (llama.cpp's own common sampler does the same)."""
+
+    def __init__(self) -> None:
+        self._data = (L.llama_token_data * 1)()
+        self._array = L.llama_token_data_array(
+            data=ctypes.cast(self._data, ctypes.POINTER(L.llama_token_data)),
+            size=1,
+            selected=-1,
+            sorted=False,
+        )
+
+    def allows(self, grammar: L.llama_sampler_p, token: int) -> bool:
+        item = self._data[0]
+        item.id, item.logit, item.p = token, 0.0, 0.0
+        self._array.size, self._array.selected = 1, -1
+        L.llama_sampler_apply(grammar, ctypes.byref(self._array))
+        return item.logit != -math.inf
 
 
 def build_chain(

@@ -39,7 +39,13 @@ from dynamo_run.protocol.internal import (
 from dynamo_run_llamacpp.kv_events import KvTracker
 from dynamo_run_llamacpp.native import Batch
 from dynamo_run_llamacpp.prompt_cache import PromptCache
-from dynamo_run_llamacpp.sampling import build_chain, needs_chain, token_logprob
+from dynamo_run_llamacpp.sampling import (
+    GrammarProbe,
+    build_chain,
+    greedy_under_grammar,
+    needs_chain,
+    token_logprob,
+)
 from dynamo_run_llamacpp.thread_guard import ThreadGuard
 
 _NO_TOKEN = -1
@@ -55,6 +61,7 @@ class Sequence:
         "cached",
         "cancelled",
         "chain",
+        "fast_grammar",
         "generated",
         "grammar",
         "loop",
@@ -85,6 +92,7 @@ class Sequence:
         self.slot: Slot | None = None
         self.chain: Any = None
         self.grammar: str | None = None  # GBNF of sampling.json_schema, set by the engine
+        self.fast_grammar: Any = None  # the chain's grammar when the chain is grammar + greedy
         self.n_fed = 0  # prompt tokens whose KV is in the slot
         self.next_token = _NO_TOKEN  # sampled token still to be decoded
         self.generated = 0
@@ -213,7 +221,12 @@ class Scheduler:
             "requests": 0,
             "handoff_wait_s": 0.0,
             "handoff_timeouts": 0,
+            # Greedy constrained steps: the argmax passed the grammar / the grammar ran over
+            # the whole vocabulary.
+            "grammar_argmax_ok": 0,
+            "grammar_full_pass": 0,
         }
+        self._probe = GrammarProbe()
         self._thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
         self._thread.start()
 
@@ -357,6 +370,7 @@ class Scheduler:
         if seq.chain is not None:
             L.llama_sampler_free(seq.chain)
             seq.chain = None
+            seq.fast_grammar = None
         if seq.slot is not None:
             seq.slot.seq = None
             seq.slot = None
@@ -434,6 +448,8 @@ class Scheduler:
             except EngineError as exc:
                 self._fail(seq, str(exc))
                 return False
+            if greedy_under_grammar(seq.request.sampling):
+                seq.fast_grammar = L.llama_sampler_chain_get(seq.chain, 0)
 
         slot, common = self._best_slot(prompt, free)
         common = self._use_prompt_cache(slot, prompt, common)
@@ -614,7 +630,15 @@ class Scheduler:
             masked = seq.generated < seq.min_tokens and seq.stop_arr.size
             if masked:
                 row[seq.stop_arr] = -np.inf
-            if seq.chain is not None:
+            if seq.fast_grammar is not None:
+                token = int(row.argmax())
+                if self._probe.allows(seq.fast_grammar, token):
+                    L.llama_sampler_accept(seq.chain, token)
+                    self.counters["grammar_argmax_ok"] += 1
+                else:
+                    token = L.llama_sampler_sample(seq.chain, self.ctx, index)
+                    self.counters["grammar_full_pass"] += 1
+            elif seq.chain is not None:
                 token = L.llama_sampler_sample(seq.chain, self.ctx, index)
             elif masked:
                 token = int(row.argmax())
