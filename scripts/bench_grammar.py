@@ -61,7 +61,11 @@ MODES: dict[str, SamplingOptions] = {
     "none": SamplingOptions(temperature=0.0),
     "json_object": SamplingOptions(temperature=0.0, json_object=True),
     "json_schema": SamplingOptions(temperature=0.0, json_schema=PEOPLE),
+    # The same without the fast path: the grammar runs over the vocabulary each step.
+    "json_schema, full pass": SamplingOptions(temperature=0.0, json_schema=PEOPLE),
     "tool_call": SamplingOptions(temperature=0.0, json_schema=call_schema(TOOL)),
+    "json_schema, temperature 0.8": SamplingOptions(temperature=0.8, seed=1, json_schema=PEOPLE),
+    "none, temperature 0.8": SamplingOptions(temperature=0.8, seed=1),
 }
 
 
@@ -73,7 +77,9 @@ def _request(card: ModelCard, mode: str, i: int, n_tokens: int) -> PreprocessedR
         token_ids=ids,
         sampling=MODES[mode],
         stop=StopConditions(
-            max_tokens=n_tokens, stop_token_ids=card.stop_token_ids, ignore_eos=mode == "none"
+            max_tokens=n_tokens,
+            stop_token_ids=card.stop_token_ids,
+            ignore_eos=mode.startswith("none"),
         ),
     )
 
@@ -120,7 +126,13 @@ async def bench(args: argparse.Namespace) -> str:
         for _ in range(args.repeat):  # modes interleaved so that load drifts hit all alike
             for conc in levels:
                 for mode in MODES:
-                    row = await _round(engine, card, mode, conc, args.tokens, base)
+                    picker = engine.scheduler._picker
+                    if mode.endswith("full pass"):  # the grammar refuses every first choice
+                        picker.allows = lambda grammar, token: False  # type: ignore[method-assign]
+                    try:
+                        row = await _round(engine, card, mode, conc, args.tokens, base)
+                    finally:
+                        picker.__dict__.pop("allows", None)
                     rows.setdefault((mode, conc), []).append(row)
                     base += conc
     finally:
@@ -129,16 +141,17 @@ async def bench(args: argparse.Namespace) -> str:
     load = os.getloadavg()[0]
     lines = [
         f"### bench_grammar {stamp} UTC (load average {load:.1f}, `--tokens {args.tokens} "
-        f"--repeat {args.repeat}`, threads {engine.settings.n_threads})",
+        f"--repeat {args.repeat}`, threads {engine.settings.n_threads}, greedy unless noted)",
         "",
-        "| grammar | concurrency | tokens/answer | TTFT p50 ms | decode tokens/s | vs none |",
+        "| grammar | concurrency | tokens/answer | TTFT p50 ms | decode tokens/s | vs no grammar |",
         "|---|---|---|---|---|---|",
     ]
     for conc in levels:
-        base_tps = statistics.median(r["tps"] for r in rows[("none", conc)])
         for mode in MODES:
             got = rows[(mode, conc)]
             tps = statistics.median(r["tps"] for r in got)
+            baseline = "none, temperature 0.8" if "temperature" in mode else "none"
+            base_tps = statistics.median(r["tps"] for r in rows[(baseline, conc)])
             lines.append(
                 f"| {mode} | {conc} | {statistics.mean(r['tokens'] for r in got):.0f} | "
                 f"{statistics.median(r['ttft_ms'] for r in got):.0f} | {tps:.1f} | "

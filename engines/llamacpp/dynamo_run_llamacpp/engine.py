@@ -117,6 +117,8 @@ class LlamaCppEngine:
             prompt_cache_entries=len(s.prompt_cache or ()),
             prompt_cache_mib=round((s.prompt_cache.size if s.prompt_cache else 0) / 2**20, 1),
             kv_blocks_held=len(kv.refs) if (kv := s.kv) is not None else None,
+            grammar_first_choice_ok=s._picker.argmax_ok,
+            grammar_full_passes=s._picker.full_pass,
             decode_only_ms={
                 n: (steps, round(1000.0 * secs / steps, 3))
                 for n, (steps, secs) in sorted(s.decode_only.items())

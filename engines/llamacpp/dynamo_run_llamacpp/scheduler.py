@@ -40,10 +40,11 @@ from dynamo_run_llamacpp.kv_events import KvTracker
 from dynamo_run_llamacpp.native import Batch
 from dynamo_run_llamacpp.prompt_cache import PromptCache
 from dynamo_run_llamacpp.sampling import (
-    GrammarProbe,
+    GuidedPicker,
     build_chain,
-    greedy_under_grammar,
+    grammar_for,
     needs_chain,
+    new_grammar,
     token_logprob,
 )
 from dynamo_run_llamacpp.thread_guard import ThreadGuard
@@ -61,9 +62,9 @@ class Sequence:
         "cached",
         "cancelled",
         "chain",
-        "fast_grammar",
         "generated",
         "grammar",
+        "guide",
         "loop",
         "max_tokens",
         "min_tokens",
@@ -92,7 +93,7 @@ class Sequence:
         self.slot: Slot | None = None
         self.chain: Any = None
         self.grammar: str | None = None  # GBNF of sampling.json_schema, set by the engine
-        self.fast_grammar: Any = None  # the chain's grammar when the chain is grammar + greedy
+        self.guide: Any = None  # the grammar sampler constraining the answer, if any
         self.n_fed = 0  # prompt tokens whose KV is in the slot
         self.next_token = _NO_TOKEN  # sampled token still to be decoded
         self.generated = 0
@@ -221,12 +222,8 @@ class Scheduler:
             "requests": 0,
             "handoff_wait_s": 0.0,
             "handoff_timeouts": 0,
-            # Greedy constrained steps: the argmax passed the grammar / the grammar ran over
-            # the whole vocabulary.
-            "grammar_argmax_ok": 0,
-            "grammar_full_pass": 0,
         }
-        self._probe = GrammarProbe()
+        self._picker = GuidedPicker(self.n_vocab)
         self._thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
         self._thread.start()
 
@@ -370,7 +367,9 @@ class Scheduler:
         if seq.chain is not None:
             L.llama_sampler_free(seq.chain)
             seq.chain = None
-            seq.fast_grammar = None
+        if seq.guide is not None:
+            L.llama_sampler_free(seq.guide)
+            seq.guide = None
         if seq.slot is not None:
             seq.slot.seq = None
             seq.slot = None
@@ -435,21 +434,18 @@ class Scheduler:
         if seq.max_tokens is not None and seq.max_tokens <= 0:
             self._emit(seq, EngineOutput(finish_reason=FINISH_LENGTH, cached_tokens=0))
             return False
-        if needs_chain(seq.request.sampling):
-            try:
+        opts = seq.request.sampling
+        try:
+            if needs_chain(opts):
                 seq.chain = build_chain(
-                    seq.request.sampling,
-                    self.vocab,
-                    self.n_vocab,
-                    self.n_ctx_seq,
-                    self.default_seed,
-                    seq.grammar,
+                    opts, self.vocab, self.n_vocab, self.n_ctx_seq, self.default_seed
                 )
-            except EngineError as exc:
-                self._fail(seq, str(exc))
-                return False
-            if greedy_under_grammar(seq.request.sampling):
-                seq.fast_grammar = L.llama_sampler_chain_get(seq.chain, 0)
+            gbnf = grammar_for(opts, seq.grammar)
+            if gbnf is not None:
+                seq.guide = new_grammar(self.vocab, gbnf)
+        except EngineError as exc:
+            self._fail(seq, str(exc))
+            return False
 
         slot, common = self._best_slot(prompt, free)
         common = self._use_prompt_cache(slot, prompt, common)
@@ -630,14 +626,8 @@ class Scheduler:
             masked = seq.generated < seq.min_tokens and seq.stop_arr.size
             if masked:
                 row[seq.stop_arr] = -np.inf
-            if seq.fast_grammar is not None:
-                token = int(row.argmax())
-                if self._probe.allows(seq.fast_grammar, token):
-                    L.llama_sampler_accept(seq.chain, token)
-                    self.counters["grammar_argmax_ok"] += 1
-                else:
-                    token = L.llama_sampler_sample(seq.chain, self.ctx, index)
-                    self.counters["grammar_full_pass"] += 1
+            if seq.guide is not None:
+                token = self._picker.pick(row, seq.chain, seq.guide)
             elif seq.chain is not None:
                 token = L.llama_sampler_sample(seq.chain, self.ctx, index)
             elif masked:
