@@ -81,3 +81,35 @@ def test_fast_path_matches_the_full_grammar_pass(default_card) -> None:
         sampling.grammar_for(SamplingOptions(json_object=True), None) == sampling.JSON_OBJECT_GBNF
     )
     assert not sampling.needs_chain(SamplingOptions(temperature=0.0, json_object=True))
+
+
+def test_finished_grammar_stops_on_any_end_of_generation_token(default_card) -> None:
+    """Without the chat template the model ends a forced call with <|endoftext|>, not the
+    card's <|im_end|>: the answer still stops there instead of running to max_tokens."""
+    from dynamo_run.pipeline.chat_plan import call_schema
+    from dynamo_run.protocol.internal import FINISH_STOP
+
+    engine = llamacpp.create_engine(default_card, EngineConfig(context_length=2048))
+    schema = call_schema(
+        {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}
+    )
+    prompt = default_card.tokenizer.encode("Add 2 and 3.", add_special_tokens=False).ids
+
+    async def run(seed: int) -> list:
+        request = PreprocessedRequest(
+            request_id=f"eog-{seed}",
+            token_ids=prompt,
+            sampling=SamplingOptions(temperature=0.2, top_p=0.9, seed=seed, json_schema=schema),
+            stop=StopConditions(max_tokens=120, stop_token_ids=default_card.stop_token_ids),
+        )
+        return [out async for out in engine.generate(request)]
+
+    try:
+        runs = [asyncio.run(run(seed)) for seed in range(4)]
+    finally:
+        asyncio.run(engine.close())
+    ends = ("<|endoftext|>", "<|im_end|>")
+    for outs in runs:
+        tokens = [default_card.tokenizer.id_to_token(t) for o in outs for t in o.token_ids]
+        assert outs[-1].finish_reason == FINISH_STOP
+        assert tokens[-1] in ends and not any(t in ends for t in tokens[:-1]), tokens

@@ -145,3 +145,30 @@ def test_bad_tool_requests(client: openai.OpenAI) -> None:
         client.chat.completions.create(
             model=MODEL_NAME, messages=_say("x"), tools=[{"type": "function", "function": {}}]
         )
+
+
+def test_streamed_chunks_match_the_chunk_model(client: openai.OpenAI) -> None:
+    """Raw SSE events of a parsed answer validate against ChatCompletionChunk; the call's
+    head (id, type, name, empty arguments) comes before its arguments."""
+    import httpx
+
+    from dynamo_run.protocol.openai import ChatCompletionChunk
+
+    body = {"messages": _say(f"<think>r</think>{CALL}"), "tools": TOOLS, "stream": True, "n": 2}
+    res = httpx.post(str(client.base_url) + "chat/completions", json=body, timeout=30)
+    events = [e.removeprefix("data: ") for e in res.text.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    chunks = [ChatCompletionChunk.model_validate_json(e) for e in events[:-1]]
+    for index in (0, 1):
+        pieces = [
+            call
+            for c in chunks
+            for choice in c.choices
+            if choice.index == index
+            for call in choice.delta.tool_calls or []
+        ]
+        head, *rest = pieces
+        assert head.id and head.type == "function" and head.function.name == "add"
+        assert head.function.arguments == "" and rest and rest[0].id is None
+        finishes = [ch.finish_reason for c in chunks for ch in c.choices if ch.index == index]
+        assert finishes[-1] == "tool_calls" and finishes.count("tool_calls") == 1

@@ -643,6 +643,10 @@ class Scheduler:
             finish = None
             if token in seq.stop_ids:
                 finish = FINISH_STOP
+            elif seq.guide is not None and seq.stop_ids and L.llama_vocab_is_eog(self.vocab, token):
+                # A finished grammar allows only end-of-generation tokens, and the model may
+                # pick one the request does not list (<|endoftext|> beside <|im_end|>).
+                finish = FINISH_STOP
             elif (seq.max_tokens is not None and seq.generated >= seq.max_tokens) or (
                 seq.slot.n >= self.n_ctx_seq
             ):
