@@ -137,6 +137,7 @@ def test_tool_turns_reach_the_template_with_object_arguments(card) -> None:
     done = asyncio.run(client.complete(prepared))
     assert [c.name for c in done.tool_calls] == ["get_weather"]
     assert done.finish_reason == "tool_calls"
+    assert len(done.token_ids) == done.completion_tokens  # held-back text's tokens too
 
 
 def test_answer_parser_feeds_reasoning_then_tools() -> None:

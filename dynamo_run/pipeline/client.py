@@ -121,6 +121,7 @@ class ModelClient:
         detok = IncrementalDetokenizer(self.card.tokenizer, request.token_ids)
         stops = StopStringMatcher(prepared.stop_strings)
         parser = AnswerParser(prepared.plan) if prepared.plan is not None else None
+        held: list[int] = []  # token ids of text the parsers hold back, sent with the next delta
         prompt_tokens = len(request.token_ids)
         generated = 0
         cached = 0
@@ -151,7 +152,7 @@ class ModelClient:
                 ):
                     delta = Delta(
                         text,
-                        out.token_ids,
+                        held + out.token_ids if held else out.token_ids,
                         finish,
                         out.logprobs,
                         prompt_tokens,
@@ -162,11 +163,16 @@ class ModelClient:
                     if parsed is not None:
                         delta.reasoning = parsed.reasoning
                         delta.tool_calls = parsed.tool_calls or None
+                    held = []
                     yield delta
+                elif parser is not None:  # the parsers hold this text back for now
+                    held.extend(out.token_ids)
                 if finish is not None:
                     return
             # The engine ended without a finish reason: treat as a normal stop.
-            last = Delta(stops.flush(), [], "stop", None, prompt_tokens, generated, cached, worker)
+            last = Delta(
+                stops.flush(), held, "stop", None, prompt_tokens, generated, cached, worker
+            )
             if parser is not None:
                 parsed, last.finish_reason = _parse(parser, last.text, "stop")
                 last.text, last.reasoning = parsed.content, parsed.reasoning
