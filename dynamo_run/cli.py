@@ -170,6 +170,21 @@ def run(
         int | None, typer.Option(help="in=batch: requests in flight.")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="in=batch: start afresh.")] = False,
+    tool_call_parser: Annotated[
+        str | None,
+        typer.Option(
+            help="Parse tool calls in answers: hermes | llama3_json | mistral | pythonic | json "
+            "(default: detected from the chat template when unambiguous)."
+        ),
+    ] = None,
+    reasoning_parser: Annotated[
+        str | None,
+        typer.Option(help="Split <think> reasoning into reasoning_content: deepseek_r1 | qwen3."),
+    ] = None,
+    chat_template: Annotated[
+        Path | None,
+        typer.Option(help="A jinja chat template file replacing the model's own."),
+    ] = None,
     verbose: Annotated[
         int, typer.Option("--verbose", "-v", count=True, help="-v info, -vv debug (or DYN_LOG).")
     ] = 0,
@@ -210,6 +225,9 @@ def run(
         output=output,
         batch_concurrency=batch_concurrency,
         overwrite=overwrite,
+        tool_call_parser=tool_call_parser,
+        reasoning_parser=reasoning_parser,
+        chat_template=chat_template,
     )
     try:
         spec = parse_run_spec(list(specs or []), flags)

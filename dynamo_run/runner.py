@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from dynamo_run.engine import Engine, EngineConfig, EngineError, load_engine_factory
-from dynamo_run.model.card import ModelCard, ModelCardError, load_model_card
+from dynamo_run.model.card import CardOverrides, ModelCard, ModelCardError, load_model_card
 from dynamo_run.model.resolve import ModelNotFoundError
 from dynamo_run.pipeline.client import ModelClient
 from dynamo_run.spec import SERVER_INPUTS, RunSpec
@@ -66,11 +66,19 @@ def start_engine(name: str, card: ModelCard, spec: RunSpec) -> Engine:
         raise RunError(f"out={name}: {exc}") from exc
 
 
+def card_overrides(spec: RunSpec) -> CardOverrides:
+    """The card settings the command line gives (chat template, output parsers)."""
+    return CardOverrides(
+        spec.chat_template, spec.flags.tool_call_parser, spec.flags.reasoning_parser
+    )
+
+
 def load_card(spec: RunSpec) -> ModelCard:
     try:
-        return load_model_card(spec.model, spec.flags.model_name, spec.flags.context_length)
+        card = load_model_card(spec.model, spec.flags.model_name, spec.flags.context_length)
     except (ModelNotFoundError, ModelCardError) as exc:
         raise RunError(f"model: {exc}") from exc
+    return card_overrides(spec).apply(card)
 
 
 # Outputs that later issues deliver: they parse, then fail with one clear line.

@@ -102,6 +102,9 @@ class Flags:
     output: Path | None = None  # in=batch output file
     batch_concurrency: int | None = None
     overwrite: bool = False
+    tool_call_parser: str | None = None  # hermes | llama3_json | mistral | pythonic | json
+    reasoning_parser: str | None = None  # deepseek_r1 | qwen3
+    chat_template: Path | None = None  # a jinja file replacing the model's chat template
 
 
 @dataclass
@@ -112,6 +115,7 @@ class RunSpec:
     flags: Flags
     extra_engine_args: dict[str, Any] = field(default_factory=dict)
     request_template: dict[str, Any] = field(default_factory=dict)
+    chat_template: str | None = None  # the --chat-template file's text, compiled once here
 
 
 def parse_input(value: str) -> InputSpec:
@@ -165,6 +169,39 @@ def _load_json_object(path: Path, flag: str) -> dict[str, Any]:
     return data
 
 
+def _load_chat_template(path: Path) -> str:
+    """The text of a --chat-template file, checked to compile as a jinja template."""
+    from dynamo_run.model.template import ChatTemplate, TemplateError
+
+    try:
+        source = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"--chat-template {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"--chat-template {path}: cannot read: {exc}") from None
+    if not source.strip():
+        raise SpecError(f"--chat-template {path}: the file is empty")
+    try:
+        ChatTemplate(source)
+    except TemplateError as exc:
+        raise SpecError(f"--chat-template {path}: {exc}".replace("\n", " ")) from None
+    return source
+
+
+def _validate_parsers(flags: Flags) -> None:
+    from dynamo_run.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
+
+    for flag, value, known in (
+        ("--tool-call-parser", flags.tool_call_parser, TOOL_CALL_PARSERS),
+        ("--reasoning-parser", flags.reasoning_parser, REASONING_PARSERS),
+    ):
+        if value is not None and value not in known:
+            raise SpecError(
+                f"{flag} {value}: unknown parser{did_you_mean(value, known)}; "
+                f"choose one of {', '.join(known)}"
+            )
+
+
 def _validate_flags(flags: Flags) -> None:
     if not 0 < flags.http_port < 65536:
         raise SpecError(f"--http-port {flags.http_port}: must be between 1 and 65535")
@@ -206,6 +243,7 @@ def _validate_flags(flags: Flags) -> None:
     ):
         if path is not None and not path.is_file():
             raise SpecError(f"{flag} {path}: no such file")
+    _validate_parsers(flags)
 
 
 def parse_run_spec(args: list[str], flags: Flags) -> RunSpec:
@@ -247,6 +285,8 @@ def parse_run_spec(args: list[str], flags: Flags) -> RunSpec:
         spec.request_template = _load_json_object(flags.request_template, "--request-template")
     if spec.input.kind == "http,grpc" and flags.http_port == flags.grpc_port:
         raise SpecError(f"--http-port and --grpc-port are both {flags.http_port}; use two ports")
+    if flags.chat_template:
+        spec.chat_template = _load_chat_template(flags.chat_template)
     if spec.input.kind == "dyn" and not spec.output.is_engine:
         raise SpecError("in=dyn://... serves an engine; out=dyn cannot be used with it")
     return spec

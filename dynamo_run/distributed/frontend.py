@@ -22,6 +22,7 @@ from dynamo_run.distributed.replica_sync import ReplicaSync
 from dynamo_run.distributed.request_plane import RequestPlaneClient
 from dynamo_run.distributed.router import Router
 from dynamo_run.distributed.wire import InstanceRecord
+from dynamo_run.model.card import CardOverrides
 from dynamo_run.model.card_wire import card_from_bytes
 from dynamo_run.pipeline.client import ModelClient
 
@@ -60,8 +61,10 @@ class RemoteModels:
         migration_limit: int = 0,
         request_template: dict[str, Any] | None = None,
         generation_config: str = "auto",
+        overrides: CardOverrides | None = None,
     ) -> None:
         self.nc = nc
+        self.overrides = overrides or CardOverrides()
         self.prefix = endpoint_prefix
         self.request_template = request_template
         self.generation_config = generation_config
@@ -172,7 +175,7 @@ class RemoteModels:
     async def _add_model(self, record: InstanceRecord) -> None:
         try:
             data = await get_card(self.nc.jetstream(), record.card_digest)
-            card = await asyncio.to_thread(card_from_bytes, data)
+            card = self.overrides.apply(await asyncio.to_thread(card_from_bytes, data))
         except Exception as exc:
             log.warning("model %s: cannot fetch its card: %s", record.model, exc)
             await asyncio.sleep(1.0)

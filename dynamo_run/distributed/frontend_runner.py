@@ -27,7 +27,7 @@ class RemoteOutput:
         from dynamo_run.distributed.frontend import RemoteModels, RouterSettings
         from dynamo_run.distributed.nats_connect import connect_nats
         from dynamo_run.kv_blocks import DEFAULT_BLOCK_SIZE
-        from dynamo_run.runner import RunError
+        from dynamo_run.runner import RunError, card_overrides
 
         flags = self.spec.flags
         try:
@@ -59,6 +59,7 @@ class RemoteOutput:
             flags.migration_limit,
             self.spec.request_template,
             flags.generation_config,
+            card_overrides(self.spec),
         )
         await self.models.start()
         if for_http:

@@ -63,6 +63,17 @@ class RemoteEngine:
         self.stats = stats or InstanceStats()
         self.in_flight = 0
 
+    # Guided decoding: only when every live instance can enforce it, since any may be picked.
+    @property
+    def supports_json_object(self) -> bool:
+        live = self.instances()
+        return bool(live) and all(r.supports_json_object for r in live)
+
+    @property
+    def supports_json_schema(self) -> bool:
+        live = self.instances()
+        return bool(live) and all(r.supports_json_schema for r in live)
+
     def load(self) -> EngineLoad:
         live = self.instances()
         return EngineLoad(

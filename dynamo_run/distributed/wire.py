@@ -98,6 +98,9 @@ class InstanceRecord(msgspec.Struct, omit_defaults=True):
     lease_s: float
     load: EngineLoad = msgspec.field(default_factory=EngineLoad)
     draining: bool = False
+    # Guided decoding the worker's engine can enforce (response_format, forced tool calls).
+    supports_json_object: bool = False
+    supports_json_schema: bool = False
 
     @property
     def key(self) -> str:

@@ -48,6 +48,10 @@ class ModelCard:
     # frontend layers them under the request's fields (model/generation_defaults.py).
     generation_defaults: dict[str, float | int] = field(default_factory=dict)
     generation_defaults_source: str = ""
+    # Output parsers (--tool-call-parser, --reasoning-parser); they travel with the card so
+    # that a frontend parses a worker's answers the way the worker was configured.
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -64,7 +68,30 @@ class ModelCard:
             "vocab_size": self.tokenizer.get_vocab_size(),
             "bos_token_id": self.bos_token_id,
             "eos_token_ids": self.eos_token_ids,
+            "tool_call_parser": self.tool_call_parser,
+            "reasoning_parser": self.reasoning_parser,
         }
+
+
+@dataclass(frozen=True)
+class CardOverrides:
+    """What the command line changes in a card: ``--chat-template`` (the file's text),
+    ``--tool-call-parser`` and ``--reasoning-parser``. A frontend applies its own to the
+    cards of remote workers too; what it leaves unset keeps the worker's setting."""
+
+    chat_template: str | None = None
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
+
+    def apply(self, card: ModelCard) -> ModelCard:
+        if self.chat_template is not None:
+            old = card.chat_template
+            card.chat_template = ChatTemplate(self.chat_template, old.bos_token, old.eos_token)
+        if self.tool_call_parser is not None:
+            card.tool_call_parser = self.tool_call_parser
+        if self.reasoning_parser is not None:
+            card.reasoning_parser = self.reasoning_parser
+        return card
 
 
 def _token_text(tokenizer: Tokenizer, token_id: int | None) -> str:

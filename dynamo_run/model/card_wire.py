@@ -33,6 +33,8 @@ class CardWire(msgspec.Struct):
     architecture: str
     generation_defaults: dict[str, float | int]
     generation_defaults_source: str
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
 
 def card_to_bytes(card: ModelCard) -> bytes:
@@ -51,6 +53,8 @@ def card_to_bytes(card: ModelCard) -> bytes:
         architecture=card.architecture,
         generation_defaults=dict(card.generation_defaults),
         generation_defaults_source=card.generation_defaults_source,
+        tool_call_parser=card.tool_call_parser,
+        reasoning_parser=card.reasoning_parser,
     )
     return zlib.compress(msgspec.msgpack.encode(wire), 6)
 
@@ -70,6 +74,8 @@ def card_from_bytes(data: bytes) -> ModelCard:
         architecture=wire.architecture,
         generation_defaults=dict(wire.generation_defaults),
         generation_defaults_source=wire.generation_defaults_source,
+        tool_call_parser=wire.tool_call_parser,
+        reasoning_parser=wire.reasoning_parser,
     )
 
 

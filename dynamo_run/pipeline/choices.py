@@ -11,6 +11,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
+from dynamo_run.pipeline.answer import ToolCallJoin
 from dynamo_run.pipeline.client import Completion, Delta, ModelClient, copy_for_choice
 from dynamo_run.pipeline.preprocess import PreparedRequest
 
@@ -78,6 +79,7 @@ async def complete_choices(
     start = time.perf_counter()
     parts: list[list[str]] = [[] for _ in choices]
     done = [Completion("", None, p.prompt_tokens, 0) for p in choices]
+    calls = [ToolCallJoin() for _ in choices]
     async with contextlib.aclosing(choice_deltas(client, choices)) as deltas:
         async for index, delta in deltas:
             if on_delta is not None:
@@ -88,6 +90,7 @@ async def complete_choices(
                 if result.time_to_first_token is None:
                     result.time_to_first_token = time.perf_counter() - start
             parts[index].append(delta.text)
+            result.add(delta, calls[index])
             if delta.worker_id is not None:
                 result.worker_id = delta.worker_id
             if delta.logprobs:

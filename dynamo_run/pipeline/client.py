@@ -15,13 +15,16 @@ import msgspec
 
 from dynamo_run.engine import Engine
 from dynamo_run.model.card import ModelCard
+from dynamo_run.parsers import ToolCall, ToolCallDelta
+from dynamo_run.pipeline.answer import AnswerParser, Parsed, ToolCallJoin
 from dynamo_run.pipeline.postprocess import (
     IncrementalDetokenizer,
     StopStringMatcher,
     openai_finish_reason,
 )
-from dynamo_run.pipeline.preprocess import PreparedRequest, Preprocessor
+from dynamo_run.pipeline.preprocess import PreparedRequest, Preprocessor, RequestError
 from dynamo_run.protocol.internal import FINISH_ERROR, TokenLogprob
+from dynamo_run.protocol.openai import ChatCompletionRequest
 
 
 class EngineFailure(RuntimeError):
@@ -44,6 +47,10 @@ class Delta:
     completion_tokens: int = 0
     cached_tokens: int = 0
     worker_id: str | None = None  # the remote instance serving it, where there is one
+    # With a reasoning / tool-call parser: the reasoning text, and pieces of tool calls
+    # (``text`` is then the content left once they are taken out).
+    reasoning: str = ""
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 @dataclass
@@ -60,6 +67,16 @@ class Completion:
     time_to_first_token: float | None = None
     elapsed: float = 0.0
     worker_id: str | None = None
+    reasoning: str | None = None  # None: no reasoning parser, or no reasoning in the answer
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+    def add(self, delta: Delta, calls: ToolCallJoin) -> None:
+        """Take in the parsed parts of one delta (text is joined by the caller)."""
+        if delta.reasoning:
+            self.reasoning = (self.reasoning or "") + delta.reasoning
+        if delta.tool_calls:
+            calls.add(delta.tool_calls)
+            self.tool_calls = calls.calls()
 
 
 class ModelClient:
@@ -77,11 +94,34 @@ class ModelClient:
         self.preprocessor = Preprocessor(card, request_template, generation_config)
         self.engine_name = ""  # the engine's registered name, where known
 
+    def prepare_chat(self, req: ChatCompletionRequest) -> PreparedRequest:
+        """A chat request checked against what this engine can do (tools, JSON formats),
+        templated and tokenised; RequestError (HTTP 400) when it cannot be served."""
+        from dynamo_run.pipeline.chat_plan import plan_chat
+
+        engine = self.engine
+        guidance = plan_chat(
+            req,
+            self.card,
+            can_object=bool(getattr(engine, "supports_json_object", False)),
+            can_schema=bool(getattr(engine, "supports_json_schema", False)),
+            engine=self.engine_name,
+        )
+        check = getattr(engine, "check_json_schema", None)
+        if guidance.json_schema is not None and check is not None:
+            problem = check(guidance.json_schema)
+            if problem:
+                param = "tools" if guidance.plan and guidance.plan.forced else "response_format"
+                raise RequestError(f"the JSON schema cannot be enforced: {problem}", param=param)
+        return self.preprocessor.chat(req, guidance)
+
     async def stream(self, prepared: PreparedRequest) -> AsyncIterator[Delta]:
         """Run one prepared request, yielding text deltas as they are ready."""
         request = prepared.engine_request
         detok = IncrementalDetokenizer(self.card.tokenizer, request.token_ids)
         stops = StopStringMatcher(prepared.stop_strings)
+        parser = AnswerParser(prepared.plan) if prepared.plan is not None else None
+        held: list[int] = []  # token ids of text the parsers hold back, sent with the next delta
         prompt_tokens = len(request.token_ids)
         generated = 0
         cached = 0
@@ -100,10 +140,19 @@ class ModelClient:
                 finish = "stop" if stopped else openai_finish_reason(out.finish_reason)
                 if finish is not None and not stopped:
                     text += stops.flush()
-                if text or finish or out.logprobs:
-                    yield Delta(
+                parsed = None
+                if parser is not None:
+                    parsed, finish = _parse(parser, text, finish)
+                    text = parsed.content
+                if (
+                    text
+                    or finish
+                    or out.logprobs
+                    or (parsed and (parsed.reasoning or parsed.tool_calls))
+                ):
+                    delta = Delta(
                         text,
-                        out.token_ids,
+                        held + out.token_ids if held else out.token_ids,
                         finish,
                         out.logprobs,
                         prompt_tokens,
@@ -111,10 +160,24 @@ class ModelClient:
                         cached,
                         worker,
                     )
+                    if parsed is not None:
+                        delta.reasoning = parsed.reasoning
+                        delta.tool_calls = parsed.tool_calls or None
+                    held = []
+                    yield delta
+                elif parser is not None:  # the parsers hold this text back for now
+                    held.extend(out.token_ids)
                 if finish is not None:
                     return
             # The engine ended without a finish reason: treat as a normal stop.
-            yield Delta(stops.flush(), [], "stop", None, prompt_tokens, generated, cached, worker)
+            last = Delta(
+                stops.flush(), held, "stop", None, prompt_tokens, generated, cached, worker
+            )
+            if parser is not None:
+                parsed, last.finish_reason = _parse(parser, last.text, "stop")
+                last.text, last.reasoning = parsed.content, parsed.reasoning
+                last.tool_calls = parsed.tool_calls or None
+            yield last
         finally:
             await outputs.aclose()
 
@@ -126,6 +189,8 @@ class ModelClient:
         token_ids: list[int] = []
         logprobs: list[TokenLogprob] = []
         last = Delta("")
+        answer = Completion("", None, 0, 0)
+        calls = ToolCallJoin()
         async for delta in self.stream(prepared):
             if first is None and delta.token_ids:
                 first = time.perf_counter() - start
@@ -133,6 +198,7 @@ class ModelClient:
             token_ids.extend(delta.token_ids)
             if delta.logprobs:
                 logprobs.extend(delta.logprobs)
+            answer.add(delta, calls)
             last = delta
         return Completion(
             text="".join(parts),
@@ -145,7 +211,26 @@ class ModelClient:
             time_to_first_token=first,
             elapsed=time.perf_counter() - start,
             worker_id=last.worker_id,
+            reasoning=answer.reasoning,
+            tool_calls=answer.tool_calls,
         )
+
+
+def _parse(parser: AnswerParser, text: str, finish: str | None) -> tuple[Parsed, str | None]:
+    """Run ``text`` through the answer's parsers (and flush them on the last delta); a
+    finished answer that made tool calls ends with finish_reason ``tool_calls``."""
+    parsed = parser.feed(text)
+    if finish is None:
+        return parsed, None
+    tail = parser.finish()
+    parsed = Parsed(
+        parsed.reasoning + tail.reasoning,
+        parsed.content + tail.content,
+        parsed.tool_calls + tail.tool_calls,
+    )
+    if finish == "stop" and parser.called:
+        finish = "tool_calls"
+    return parsed, finish
 
 
 def copy_for_choice(prepared: PreparedRequest, index: int) -> PreparedRequest:
@@ -160,4 +245,6 @@ def copy_for_choice(prepared: PreparedRequest, index: int) -> PreparedRequest:
     new_req = msgspec.structs.replace(
         req, request_id=f"{req.request_id}-{index}", sampling=sampling
     )
-    return PreparedRequest(new_req, list(prepared.stop_strings), prepared.prompt_text)
+    return PreparedRequest(
+        new_req, list(prepared.stop_strings), prepared.prompt_text, prepared.plan
+    )

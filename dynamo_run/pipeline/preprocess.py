@@ -3,15 +3,26 @@ sampling, stop rules), with the context-length check done once, here."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dynamo_run.model.card import ModelCard
 from dynamo_run.model.generation_defaults import GenerationDefaults, resolve_generation_defaults
 from dynamo_run.model.template import TemplateError
 from dynamo_run.protocol.internal import PreprocessedRequest, SamplingOptions, StopConditions
-from dynamo_run.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
+from dynamo_run.protocol.openai import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingFields,
+)
+
+if TYPE_CHECKING:
+    from dynamo_run.pipeline.answer import OutputPlan
+    from dynamo_run.pipeline.chat_plan import Guidance
 
 
 class RequestError(ValueError):
@@ -30,10 +41,29 @@ class PreparedRequest:
     engine_request: PreprocessedRequest
     stop_strings: list[str] = field(default_factory=list)
     prompt_text: str = ""
+    # Chat only: the parsers that read the answer (reasoning, tool calls); None: plain text.
+    plan: OutputPlan | None = None
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.engine_request.token_ids)
+
+
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates read it: text content, and tool calls whose arguments
+    are objects (the API sends them as JSON text; HF templates apply ``tojson`` to them)."""
+    out = {**message.model_dump(exclude_none=True), "content": message.text()}
+    if message.tool_calls:
+        calls = []
+        for call in message.tool_calls:
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                with contextlib.suppress(ValueError):  # not JSON: the text as sent
+                    fn = {**fn, "arguments": json.loads(fn["arguments"])}
+                call = {**call, "function": fn}
+            calls.append(call)
+        out["tool_calls"] = calls
+    return out
 
 
 def new_request_id(prefix: str = "req") -> str:
@@ -98,6 +128,7 @@ class Preprocessor:
         max_tokens: int | None,
         logprobs: int | None,
         json_object: bool,
+        json_schema: dict[str, Any] | None = None,
     ) -> PreparedRequest:
         ctx = self.card.context_length
         if not token_ids:
@@ -128,6 +159,7 @@ class Preprocessor:
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             json_object=json_object,
+            json_schema=json_schema,
         )
         stop = StopConditions(
             max_tokens=limit,
@@ -145,15 +177,30 @@ class Preprocessor:
         )
         return PreparedRequest(engine_request, req.stop_list(), prompt_text)
 
-    def chat(self, req: ChatCompletionRequest) -> PreparedRequest:
-        messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
+    def chat(self, req: ChatCompletionRequest, guidance: Guidance | None = None) -> PreparedRequest:
+        """The engine request for a chat request. ``guidance`` (see ``ModelClient.prepare_chat``,
+        which checks it against the engine) is worked out here when not given."""
+        if guidance is None:
+            from dynamo_run.pipeline.chat_plan import plan_chat
+
+            guidance = plan_chat(req, self.card, can_object=True, can_schema=True)
+        messages = [_template_message(m) for m in req.messages]
         prompt = self.render_chat(messages, tools=req.tools)
         max_tokens = req.max_completion_tokens
         if max_tokens is None:
             max_tokens = req.max_tokens
-        json_object = bool(req.response_format and req.response_format.type != "text")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return self._build(req, self.encode(prompt), prompt, max_tokens, logprobs, json_object)
+        prepared = self._build(
+            req,
+            self.encode(prompt),
+            prompt,
+            max_tokens,
+            logprobs,
+            guidance.json_object,
+            guidance.json_schema,
+        )
+        prepared.plan = guidance.plan
+        return prepared
 
     def completion(self, req: CompletionRequest) -> list[PreparedRequest]:
         """One prepared request per prompt (the API accepts a batch of prompts)."""

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from tokenizers import Tokenizer
 
+from dynamo_run.parsers import ToolCall
 from dynamo_run.pipeline.client import Completion, ModelClient
 from dynamo_run.pipeline.preprocess import PreparedRequest, RequestError
 from dynamo_run.protocol.internal import TokenLogprob
@@ -121,6 +122,28 @@ def _head(obj: str, request_id: str, created: int, model: str) -> dict[str, Any]
     }
 
 
+def tool_call_dict(call: ToolCall) -> dict[str, Any]:
+    """One entry of ``message.tool_calls``."""
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+
+
+def assistant_message(r: Completion) -> dict[str, Any]:
+    """``choices[i].message``: content (null when the answer is only tool calls), and the
+    reasoning and tool calls when the request's parsers found any."""
+    message: dict[str, Any] = {"role": "assistant", "content": r.text}
+    if r.reasoning is not None:
+        message["reasoning_content"] = r.reasoning
+    if r.tool_calls:
+        message["tool_calls"] = [tool_call_dict(c) for c in r.tool_calls]
+        if not r.text.strip():
+            message["content"] = None
+    return message
+
+
 def chat_completion_body(
     request_id: str,
     created: int,
@@ -140,7 +163,7 @@ def chat_completion_body(
         choices.append(
             {
                 "index": i,
-                "message": {"role": "assistant", "content": r.text},
+                "message": assistant_message(r),
                 "logprobs": logprobs,
                 "finish_reason": r.finish_reason,
             }

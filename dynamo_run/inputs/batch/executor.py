@@ -28,6 +28,7 @@ from dynamo_run.pipeline.responses import (
     embedding_body,
     embedding_token_ids,
     text_completion_body,
+    tool_call_dict,
 )
 from dynamo_run.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
@@ -65,9 +66,9 @@ class BatchExecutor:
     # --- text and chat lines ------------------------------------------------------------
     async def _text(self, item: BatchItem) -> dict[str, Any]:
         assert isinstance(item.request, ChatCompletionRequest)
-        prepared = self.client.preprocessor.chat(item.request)
+        prepared = self.client.prepare_chat(item.request)
         done = await self.client.complete(prepared)
-        return text_record(
+        record = text_record(
             item,
             done.text,
             done.prompt_tokens,
@@ -76,6 +77,11 @@ class BatchExecutor:
             done.finish_reason,
             worker_id=done.worker_id,
         )
+        if done.reasoning is not None:
+            record["reasoning"] = done.reasoning
+        if done.tool_calls:
+            record["tool_calls"] = [tool_call_dict(c) for c in done.tool_calls]
+        return record
 
     # --- OpenAI batch lines -------------------------------------------------------------
     async def _openai(self, item: BatchItem) -> dict[str, Any]:
@@ -92,7 +98,7 @@ class BatchExecutor:
         return openai_record(item, body, request_id)
 
     async def _chat_body(self, req: ChatCompletionRequest) -> tuple[dict[str, Any], str]:
-        prepared = self.client.preprocessor.chat(req)
+        prepared = self.client.prepare_chat(req)
         done = await complete_choices(self.client, expand_choices([prepared], req.n))
         body = chat_completion_body(
             new_request_id("chatcmpl"),

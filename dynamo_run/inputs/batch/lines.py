@@ -52,8 +52,10 @@ SAMPLING_KEYS = frozenset(
         "model",  # accepted and ignored: a batch runs one model
     }
 )
-TEXT_KEYS = frozenset({"text"}) | SAMPLING_KEYS
-CHAT_KEYS = frozenset({"messages", "tools"}) | SAMPLING_KEYS
+# Tool fields a text or chat line may carry, as in a chat completion's body.
+TOOL_KEYS = frozenset({"tools", "tool_choice", "parallel_tool_calls"})
+TEXT_KEYS = frozenset({"text"}) | SAMPLING_KEYS | TOOL_KEYS
+CHAT_KEYS = frozenset({"messages"}) | SAMPLING_KEYS | TOOL_KEYS
 
 
 class LineError(Exception):

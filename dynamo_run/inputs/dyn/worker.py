@@ -81,6 +81,8 @@ async def run_worker(loading: asyncio.Task[ModelClient], spec: RunSpec) -> int:
         started_at=now,
         updated_at=now,
         lease_s=LEASE_S,
+        supports_json_object=bool(getattr(client.engine, "supports_json_object", False)),
+        supports_json_schema=bool(getattr(client.engine, "supports_json_schema", False)),
     )
 
     def refresh(rec: InstanceRecord) -> None:

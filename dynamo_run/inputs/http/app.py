@@ -325,16 +325,7 @@ def create_app(state: ServerState, api_key: str | None = None) -> ServerMiddlewa
         client, body = await state.client_and_body(request)
         info = request_info(request.scope)
         req = _parse(client, body, ChatCompletionRequest)
-        fmt = req.response_format
-        if fmt is not None and fmt.type == "json_schema":
-            raise ApiError(
-                400,
-                'response_format json_schema is not supported; use {"type": "json_object"}',
-                param="response_format",
-            )
-        if fmt is not None and fmt.type == "json_object":
-            _require_json_object(client)
-        prepared = client.preprocessor.chat(req)
+        prepared = client.prepare_chat(req)  # tools, response_format: 400 if unservable
         top_n = (req.top_logprobs or 0) if req.logprobs else None
         gen = Generation(client, [prepared], req.n, metrics, arrival, info, top_n)
         head = new_request_id("chatcmpl"), int(time.time()), client.card.name
@@ -453,15 +444,6 @@ async def _whole(
     if workers:  # out=dyn: which worker instance(s) served it
         response.headers[WORKER_HEADER] = ",".join(workers)
     return response
-
-
-def _require_json_object(client: ModelClient) -> None:
-    if not getattr(client.engine, "supports_json_object", False):
-        raise ApiError(
-            400,
-            "response_format json_object is not supported by this engine",
-            param="response_format",
-        )
 
 
 async def _embeddings(request: Request, client: ModelClient, req: EmbeddingRequest) -> Response:

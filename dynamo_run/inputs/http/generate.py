@@ -82,11 +82,14 @@ async def sse_events(
                     opening = []
                 timer.tokens(len(delta.token_ids))
                 last[index] = delta
+                lp = "null"
                 if with_logprobs and delta.logprobs:
                     lp = chunks.logprobs(index, delta.logprobs)
-                    yield chunks.content(index, delta.text, delta.finish_reason, lp)
+                if (delta.reasoning or delta.tool_calls) and isinstance(chunks, ChatChunks):
+                    for event in chunks.parsed(index, delta, lp):
+                        yield event
                 else:
-                    yield chunks.content(index, delta.text, delta.finish_reason)
+                    yield chunks.content(index, delta.text, delta.finish_reason, lp)
         if chunks.include_usage:
             yield chunks.usage(gen.usage(last))
         yield DONE

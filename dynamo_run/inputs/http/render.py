@@ -13,6 +13,7 @@ import json
 from json.encoder import encode_basestring_ascii as _q  # type: ignore[attr-defined]
 from typing import Any
 
+from dynamo_run.pipeline.client import Delta
 from dynamo_run.pipeline.responses import TokenTexts
 from dynamo_run.protocol.internal import TokenLogprob
 
@@ -94,6 +95,39 @@ class ChatChunks(_Chunks):
     def logprobs(self, index: int, items: list[TokenLogprob]) -> str:
         assert self.texts is not None
         return dumps({"content": self.texts.chat_logprobs(items, self.top_n)})
+
+    def parsed(self, index: int, delta: Delta, logprobs: str = "null") -> list[bytes]:
+        """The events of a delta the answer parsers split: reasoning, content, then each
+        tool call as OpenAI streams it (id, type and name with empty arguments first, then
+        the arguments), the finish reason and logprobs on the last event."""
+        deltas: list[dict[str, Any]] = []
+        if delta.reasoning:
+            deltas.append({"reasoning_content": delta.reasoning})
+        if delta.text:
+            deltas.append({"content": delta.text})
+        for call in delta.tool_calls or ():
+            if call.id is not None or call.name is not None:
+                head: dict[str, Any] = {"index": call.index, "type": "function"}
+                if call.id is not None:
+                    head["id"] = call.id
+                head["function"] = {"name": call.name or "", "arguments": ""}
+                deltas.append({"tool_calls": [head]})
+            if call.arguments:
+                part = {"index": call.index, "function": {"arguments": call.arguments}}
+                deltas.append({"tool_calls": [part]})
+        if not deltas:
+            deltas.append({})
+        events = []
+        for i, body in enumerate(deltas):
+            last = i == len(deltas) - 1
+            events.append(
+                (
+                    f'{self._head}[{{"index":{index},"delta":{dumps(body)},'
+                    f'"logprobs":{logprobs if last else "null"},'
+                    f'"finish_reason":{_fr(delta.finish_reason if last else None)}}}]{self._tail}'
+                ).encode()
+            )
+        return events
 
 
 class CompletionChunks(_Chunks):

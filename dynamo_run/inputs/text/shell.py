@@ -24,7 +24,8 @@ from dynamo_run.spec import RunSpec
 COMMANDS: dict[str, str] = {
     "/help": "show this help",
     "/system": "/system TEXT sets the system prompt (no TEXT: show it)",
-    "/set": "/set NAME VALUE sets a sampling option; /set alone lists them",
+    "/set": "/set NAME VALUE sets a sampling option; /set alone lists them; "
+    "/set think on|off shows or hides the model's reasoning (--reasoning-parser)",
     "/unset": "/unset NAME returns an option to the model's default",
     "/show": "show the model, its card and the current settings",
     "/clear": "forget the conversation (keeps the system prompt)",
@@ -69,7 +70,7 @@ async def run_single_shot(loading: asyncio.Task[ModelClient], spec: RunSpec) -> 
     client = await loading
     conv = Conversation(messages=[{"role": "user", "content": question}])
     try:
-        prepared = client.preprocessor.chat(conv.request(client.preprocessor.apply_template({})))
+        prepared = client.prepare_chat(conv.request(client.preprocessor.apply_template({})))
         ended_with_newline = True
         async for delta in client.stream(prepared):
             if delta.text:
@@ -97,6 +98,7 @@ class ChatShell:
         self.console = Console(highlight=False, soft_wrap=True)
         self.conversation = Conversation(settings={})
         self.stats = False
+        self.think = True  # show the reasoning a --reasoning-parser splits off, dimmed
         self.client: ModelClient | None = None
 
     async def run(self) -> int:
@@ -157,7 +159,7 @@ class ChatShell:
             history = InMemoryHistory()
         return PromptSession(
             history=history,
-            completer=CommandCompleter(list(COMMANDS), list(SETTINGS)),
+            completer=CommandCompleter(list(COMMANDS), [*SETTINGS, "think"]),
             key_bindings=bindings,
             complete_while_typing=False,
         )
@@ -237,10 +239,18 @@ class ChatShell:
             for key in SETTINGS:
                 value = settings.get(key, "(default)")
                 self.console.print(f"  {key:<19} {value}")
+            self.console.print(f"  {'think':<19} {'on' if self.think else 'off'}")
             return
         name, _, value = arg.partition(" ")
         if name == "stats":  # `/set stats on` reads naturally too
             self._command(f"/stats {value}")
+            return
+        if name == "think":
+            if value.strip() not in ("on", "off"):
+                raise SettingError("usage: /set think on|off")
+            self.think = value.strip() == "on"
+            shown = "shown (dimmed)" if self.think else "hidden"
+            self.console.print(f"Reasoning {shown}.")
             return
         if not value.strip():
             raise SettingError(f"usage: /set {name} VALUE")
@@ -267,7 +277,7 @@ class ChatShell:
         trimmed = False
         while prepared is None:
             try:
-                prepared = self.client.preprocessor.chat(conv.request())
+                prepared = self.client.prepare_chat(conv.request())
             except RequestError as exc:
                 if exc.code == "context_length_exceeded" and conv.drop_oldest_turn():
                     trimmed = True
@@ -282,12 +292,22 @@ class ChatShell:
         stats = {"tokens": 0, "ttft": None}
         start = time.perf_counter()
 
+        thinking = False  # reasoning is being shown; a line break ends it before the answer
+
         async def stream() -> None:
+            nonlocal thinking
             async for delta in self.client.stream(prepared):  # type: ignore[union-attr]
                 if stats["ttft"] is None and delta.token_ids:
                     stats["ttft"] = time.perf_counter() - start
                 stats["tokens"] = delta.completion_tokens
+                if delta.reasoning and self.think:
+                    thinking = True
+                    self.console.out(delta.reasoning, style="dim", end="", highlight=False)
+                    self.console.file.flush()
                 if delta.text:
+                    if thinking:
+                        thinking = False
+                        self.console.out("\n", end="")
                     parts.append(delta.text)
                     self.console.out(delta.text, end="", highlight=False)
                     self.console.file.flush()

@@ -15,9 +15,10 @@ import llama_cpp.llama_cpp as L
 from dynamo_run.engine import EngineError, KvEventSink
 from dynamo_run.kv_blocks import DEFAULT_BLOCK_SIZE
 from dynamo_run.model.card import ModelCard
-from dynamo_run.protocol.internal import EngineOutput, PreprocessedRequest
+from dynamo_run.protocol.internal import FINISH_ERROR, EngineOutput, PreprocessedRequest
 from dynamo_run_llamacpp.config import LlamaCppSettings
 from dynamo_run_llamacpp.embeddings import Embedder
+from dynamo_run_llamacpp.grammar import SchemaError, schema_grammar
 from dynamo_run_llamacpp.native import context_params, init_backend, load_model, new_context
 from dynamo_run_llamacpp.scheduler import Scheduler, Sequence
 
@@ -27,8 +28,10 @@ log = logging.getLogger("dynamo_run.llamacpp")
 class LlamaCppEngine:
     """Token-level engine over llama.cpp with ``n_parallel`` concurrent sequences."""
 
-    # response_format json_object is enforced with a GBNF grammar (grammar.py).
+    # response_format json_object / json_schema and forced tool calls are enforced with
+    # GBNF grammars (grammar.py; schemas converted by llama-cpp-python's own converter).
     supports_json_object = True
+    supports_json_schema = True
 
     def __init__(
         self, card: ModelCard, settings: LlamaCppSettings, kv_block_size: int = DEFAULT_BLOCK_SIZE
@@ -114,6 +117,8 @@ class LlamaCppEngine:
             prompt_cache_entries=len(s.prompt_cache or ()),
             prompt_cache_mib=round((s.prompt_cache.size if s.prompt_cache else 0) / 2**20, 1),
             kv_blocks_held=len(kv.refs) if (kv := s.kv) is not None else None,
+            grammar_first_choice_ok=s._picker.argmax_ok,
+            grammar_full_passes=s._picker.full_pass,
             decode_only_ms={
                 n: (steps, round(1000.0 * secs / steps, 3))
                 for n, (steps, secs) in sorted(s.decode_only.items())
@@ -139,11 +144,27 @@ class LlamaCppEngine:
             f"{c['thread_switches']} changes), lockstep {self.settings.lockstep}"
         )
 
+    def check_json_schema(self, schema: dict) -> str | None:
+        """Why ``schema`` cannot be enforced, or None (the frontend answers 400 with it)."""
+        try:
+            schema_grammar(schema)
+        except SchemaError as exc:
+            return str(exc)
+        return None
+
     async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
         if self._closed:
             raise EngineError("llamacpp: the engine is closed")
         queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
         seq = Sequence(request, asyncio.get_running_loop(), queue)
+        if request.sampling.json_schema is not None:
+            try:
+                seq.grammar = schema_grammar(request.sampling.json_schema)
+            except SchemaError as exc:
+                yield EngineOutput(
+                    finish_reason=FINISH_ERROR, error=f"llamacpp: the JSON schema: {exc}"
+                )
+                return
         self.scheduler.submit(seq)
         finished = False
         try:

@@ -39,7 +39,14 @@ from dynamo_run.protocol.internal import (
 from dynamo_run_llamacpp.kv_events import KvTracker
 from dynamo_run_llamacpp.native import Batch
 from dynamo_run_llamacpp.prompt_cache import PromptCache
-from dynamo_run_llamacpp.sampling import build_chain, needs_chain, token_logprob
+from dynamo_run_llamacpp.sampling import (
+    GuidedPicker,
+    build_chain,
+    grammar_for,
+    needs_chain,
+    new_grammar,
+    token_logprob,
+)
 from dynamo_run_llamacpp.thread_guard import ThreadGuard
 
 _NO_TOKEN = -1
@@ -56,6 +63,8 @@ class Sequence:
         "cancelled",
         "chain",
         "generated",
+        "grammar",
+        "guide",
         "loop",
         "max_tokens",
         "min_tokens",
@@ -83,6 +92,8 @@ class Sequence:
             self.prompt = np.array([-1], dtype=np.int64)
         self.slot: Slot | None = None
         self.chain: Any = None
+        self.grammar: str | None = None  # GBNF of sampling.json_schema, set by the engine
+        self.guide: Any = None  # the grammar sampler constraining the answer, if any
         self.n_fed = 0  # prompt tokens whose KV is in the slot
         self.next_token = _NO_TOKEN  # sampled token still to be decoded
         self.generated = 0
@@ -212,6 +223,7 @@ class Scheduler:
             "handoff_wait_s": 0.0,
             "handoff_timeouts": 0,
         }
+        self._picker = GuidedPicker(self.n_vocab)
         self._thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
         self._thread.start()
 
@@ -355,6 +367,9 @@ class Scheduler:
         if seq.chain is not None:
             L.llama_sampler_free(seq.chain)
             seq.chain = None
+        if seq.guide is not None:
+            L.llama_sampler_free(seq.guide)
+            seq.guide = None
         if seq.slot is not None:
             seq.slot.seq = None
             seq.slot = None
@@ -419,18 +434,18 @@ class Scheduler:
         if seq.max_tokens is not None and seq.max_tokens <= 0:
             self._emit(seq, EngineOutput(finish_reason=FINISH_LENGTH, cached_tokens=0))
             return False
-        if needs_chain(seq.request.sampling):
-            try:
+        opts = seq.request.sampling
+        try:
+            if needs_chain(opts):
                 seq.chain = build_chain(
-                    seq.request.sampling,
-                    self.vocab,
-                    self.n_vocab,
-                    self.n_ctx_seq,
-                    self.default_seed,
+                    opts, self.vocab, self.n_vocab, self.n_ctx_seq, self.default_seed
                 )
-            except EngineError as exc:
-                self._fail(seq, str(exc))
-                return False
+            gbnf = grammar_for(opts, seq.grammar)
+            if gbnf is not None:
+                seq.guide = new_grammar(self.vocab, gbnf)
+        except EngineError as exc:
+            self._fail(seq, str(exc))
+            return False
 
         slot, common = self._best_slot(prompt, free)
         common = self._use_prompt_cache(slot, prompt, common)
@@ -611,7 +626,9 @@ class Scheduler:
             masked = seq.generated < seq.min_tokens and seq.stop_arr.size
             if masked:
                 row[seq.stop_arr] = -np.inf
-            if seq.chain is not None:
+            if seq.guide is not None:
+                token = self._picker.pick(row, seq.chain, seq.guide)
+            elif seq.chain is not None:
                 token = L.llama_sampler_sample(seq.chain, self.ctx, index)
             elif masked:
                 token = int(row.argmax())
@@ -625,6 +642,10 @@ class Scheduler:
             seq.generated += 1
             finish = None
             if token in seq.stop_ids:
+                finish = FINISH_STOP
+            elif seq.guide is not None and seq.stop_ids and L.llama_vocab_is_eog(self.vocab, token):
+                # A finished grammar allows only end-of-generation tokens, and the model may
+                # pick one the request does not list (<|endoftext|> beside <|im_end|>).
                 finish = FINISH_STOP
             elif (seq.max_tokens is not None and seq.generated >= seq.max_tokens) or (
                 seq.slot.n >= self.n_ctx_seq
