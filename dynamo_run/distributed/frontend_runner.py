@@ -6,6 +6,7 @@ waited for until a worker serves it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sys
@@ -15,6 +16,8 @@ from dynamo_run.spec import RunSpec
 
 # How long the shell and batch wait for a worker before giving up.
 WAIT_FOR_WORKER_S = float(os.environ.get("DYN_WAIT_FOR_WORKER_S", "60"))
+# Each shutdown step (stop watching, disconnect) gets this long before it is abandoned.
+CLOSE_TIMEOUT_S = 5.0
 
 
 class RemoteOutput:
@@ -89,9 +92,11 @@ class RemoteOutput:
         return client
 
     async def close(self) -> None:
+        """Stop watching and disconnect, each step bounded: a NATS server that stopped
+        answering must not keep a finished shell or batch from exiting."""
         if self.models is not None:
             with contextlib.suppress(Exception):
-                await self.models.stop()
+                await asyncio.wait_for(self.models.stop(), CLOSE_TIMEOUT_S)
         if self.conn is not None:
             with contextlib.suppress(Exception):
-                await self.conn.close()
+                await asyncio.wait_for(self.conn.close(), CLOSE_TIMEOUT_S)
