@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -33,7 +35,9 @@ except ImportError:  # the plugin is not installed in this environment: use the 
 from dynamo_run_sglang import create_engine, unusable_reason
 from dynamo_run_sglang.config import engine_kwargs, page_size, publishes_to
 from dynamo_run_sglang.engine import SGLangEngine, _start_sglang
+from dynamo_run_sglang.errors import load_error
 from dynamo_run_sglang.kv_events import KvEventTranslator, ZmqKvSubscriber, decode_batch
+from dynamo_run_sglang.launch import root_cause, stderr_to
 from dynamo_run_sglang.sampling import JSON_OBJECT_SCHEMA, generate_kwargs, sampling_params
 from dynamo_run_sglang.stream import OutputStream, finish_reason
 
@@ -109,6 +113,65 @@ def test_no_gpu_is_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_flag_reported_before_the_machine() -> None:
     with pytest.raises(EngineError, match="'--context-length' must be a positive integer"):
         create_engine(hf_card(), EngineConfig(context_length=0))
+
+
+SCHEDULER_LOG = """\
+[2026-11-27 23:40:01] Scheduler hit an exception: Traceback (most recent call last):
+  File "sglang/srt/managers/scheduler.py", line 6362, in run_scheduler_process
+    scheduler = Scheduler(server_args, port_args)
+torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.1 GiB
+Traceback (most recent call last):
+RuntimeError: Rank 0 scheduler died during initialization (exit code: -9).
+"""
+
+
+def test_root_cause_and_the_one_line_error(tmp_path: Path) -> None:
+    log_file = tmp_path / "sglang.log"
+    log_file.write_text(SCHEDULER_LOG)
+    cause = root_cause(log_file)
+    assert cause == (
+        "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. "
+        "GPU 0 has a total capacity of 79.1 GiB"
+    )
+    err = load_error("sglang", "/m", RuntimeError("Rank 0 scheduler died"), cause, log_file)
+    text = str(err)
+    assert "\n" not in text and text.startswith("sglang: out of GPU memory loading '/m'")
+    assert f"(log: {log_file})" in text
+    plain = load_error("sglang", "/m", ValueError("Unsupported architecture Foo\nmore"))
+    assert str(plain) == "sglang: cannot load '/m': more"
+    assert root_cause(tmp_path / "missing.log") is None
+
+
+def test_children_write_to_the_log_while_launching(tmp_path: Path) -> None:
+    log_file = tmp_path / "sglang.log"
+    with stderr_to(log_file):
+        subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('child says hi')"])
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.stderr.write('after')"], capture_output=True
+    )
+    assert log_file.read_text() == "child says hi" and proc.stderr == b"after"
+
+
+def test_child_sigquit_off_the_main_thread_does_not_kill_us() -> None:
+    """SGLang's children SIGQUIT their parent when they fail to load; dynamo-run loads
+    engines in a worker thread, where Python cannot install a handler. Run in a child
+    process: without the guard it would die of SIGQUIT."""
+    code = (
+        "import os, signal, threading, time\n"
+        "from dynamo_run_sglang.launch import sigquit_ignored_off_main_thread\n"
+        "def launch():\n"
+        "    with sigquit_ignored_off_main_thread():\n"
+        "        os.kill(os.getpid(), signal.SIGQUIT)\n"
+        "        time.sleep(0.2)\n"
+        "t = threading.Thread(target=launch); t.start(); t.join()\n"
+        "print('alive')\n"
+    )
+    plugin = str(Path(dynamo_run_sglang.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([plugin, *sys.path])}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "alive", proc.stderr
 
 
 # --- argument passing ---------------------------------------------------------------------
@@ -334,7 +397,15 @@ class ScriptedSGLang:
         self.calls: list[dict[str, Any]] = []
         self.aborted: list[str] = []
         self.closed_streams = 0
-        self.tokenizer_manager = SimpleNamespace(abort_request=self._abort)
+        self.tokenizer_manager = SimpleNamespace(
+            abort_request=self._abort, event_loop=None, auto_create_handle_loop=self._start_loop
+        )
+
+    def _start_loop(self) -> None:
+        """As SGLang's tokenizer manager: its loop on the running one, and SIGTERM taken."""
+        loop = asyncio.get_running_loop()
+        self.tokenizer_manager.event_loop = loop
+        loop.add_signal_handler(signal.SIGTERM, lambda: None)
 
     def _abort(self, rid: str) -> None:
         self.aborted.append(rid)
@@ -370,6 +441,20 @@ def test_generate_streams_deltas_to_the_finish() -> None:
     assert call["input_ids"] == [1, 2, 3] and call["sampling_params"] == sampling_params(FULL)
     assert call["rid"].startswith("req-1-") and not sgl.aborted
     assert engine.load().in_flight == 0
+
+
+def test_sglang_does_not_take_sigterm_over() -> None:
+    def mine(signum: int, frame: Any) -> None:
+        pass
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        sgl = ScriptedSGLang([chunk([5], {"type": "stop"})])
+        asyncio.run(collect(SGLangEngine(sgl), request()))
+        assert sgl.tokenizer_manager.event_loop is not None  # SGLang's loop was started
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_consumer_cancel_aborts_by_rid() -> None:

@@ -33,7 +33,9 @@ except ImportError:  # the plugin is not installed in this environment: use the 
 from dynamo_run_trtllm import create_engine, unusable_reason
 from dynamo_run_trtllm.config import EVENT_BUFFER, block_size, context_length, llm_kwargs
 from dynamo_run_trtllm.engine import TrtLlmEngine
+from dynamo_run_trtllm.errors import load_error
 from dynamo_run_trtllm.kv_events import KvEventTranslator
+from dynamo_run_trtllm.logs import root_cause
 from dynamo_run_trtllm.sampling import sampling_kwargs
 from dynamo_run_trtllm.stream import OutputStream, finish_reason, token_logprob
 
@@ -105,6 +107,25 @@ def test_unusable_machine_is_one_line_error() -> None:
 def test_bad_flag_reported_before_the_machine() -> None:
     with pytest.raises(EngineError, match="'--kv-cache-block-size' must be a positive integer"):
         create_engine(hf_card(), EngineConfig(kv_cache_block_size=0))
+
+
+def test_root_cause_and_the_one_line_error(tmp_path: Path) -> None:
+    log_file = tmp_path / "trtllm.log"
+    log_file.write_text(
+        "[TensorRT-LLM][WARNING] something harmless\n"
+        "Traceback (most recent call last):\n"
+        "ValueError: Unsupported model architecture: FooForCausalLM\n"
+        "RuntimeError: Executor creation failed due to worker errors\n"
+    )
+    cause = root_cause(log_file)
+    assert cause == "ValueError: Unsupported model architecture: FooForCausalLM"
+    err = load_error("trtllm", "/m", RuntimeError("Executor creation failed"), cause, log_file)
+    assert str(err) == (
+        f"trtllm: cannot load '/m': ValueError: Unsupported model architecture: "
+        f"FooForCausalLM (log: {log_file})"
+    )
+    oom = load_error("trtllm", "/m", RuntimeError("[TensorRT-LLM][ERROR] CUDA_ERROR_OUT_OF_MEMORY"))
+    assert str(oom).startswith("trtllm: out of GPU memory loading '/m'")
 
 
 # --- argument passing ---------------------------------------------------------------------

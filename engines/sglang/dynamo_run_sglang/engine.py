@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import signal
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,6 +29,13 @@ from dynamo_run.protocol.internal import (
 from dynamo_run_sglang.config import NAME, check_model, engine_kwargs, page_size, publishes_to
 from dynamo_run_sglang.errors import load_error, short, unknown_argument_error
 from dynamo_run_sglang.kv_events import KvEventTranslator, ZmqKvSubscriber
+from dynamo_run_sglang.launch import (
+    log_path,
+    on_child_failure,
+    root_cause,
+    sigquit_ignored_off_main_thread,
+    stderr_to,
+)
 from dynamo_run_sglang.sampling import generate_kwargs, new_rid
 from dynamo_run_sglang.stream import OutputStream
 
@@ -45,6 +54,7 @@ def _start_sglang(kwargs: dict[str, Any]) -> Any:
         raise EngineError(
             f"{NAME}: sglang cannot be imported ({short(exc)}): pip install 'dynamo-run[sglang]'"
         ) from exc
+    kwargs = {"custom_sigquit_handler": on_child_failure, **kwargs}
     try:
         server_args = ServerArgs(**kwargs)
     except TypeError as exc:
@@ -100,12 +110,15 @@ class SGLangEngine:
             if not publishes_to(kwargs, subscriber.endpoint):
                 subscriber.close()
                 subscriber = None
+            log_file = log_path()
             try:
-                sgl = _start_sglang(kwargs)
+                with stderr_to(log_file), sigquit_ignored_off_main_thread():
+                    sgl = _start_sglang(kwargs)
             except EngineError:
                 raise
             except (Exception, SystemExit) as exc:
-                raise load_error(NAME, str(card.path), exc) from exc
+                cause = root_cause(log_file)
+                raise load_error(NAME, str(card.path), exc, cause, log_file) from exc
         except BaseException:
             if subscriber is not None:
                 subscriber.close()
@@ -122,7 +135,7 @@ class SGLangEngine:
     async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
         if self._closed:
             raise EngineError(f"{NAME}: the engine is closed")
-        self._ensure_poller()
+        self._ensure_loop()
         rid = new_rid(request)
         stream = OutputStream(self.incremental, request.logprobs is not None)
         self._in_flight += 1
@@ -185,8 +198,19 @@ class SGLangEngine:
             return
         self.kv.set_sink(sink)
 
-    def _ensure_poller(self) -> None:
+    def _ensure_loop(self) -> None:
+        """On the first request: start SGLang's tokenizer-manager loop on ours, keeping
+        the process's SIGTERM handling (SGLang would take SIGTERM over to drain and kill
+        its process tree, bypassing dynamo-run's shutdown), and the load poller."""
         tm = getattr(self.sgl, "tokenizer_manager", None)
+        start = getattr(tm, "auto_create_handle_loop", None)
+        if callable(start) and getattr(tm, "event_loop", False) is None:
+            on_main = threading.current_thread() is threading.main_thread()
+            saved = signal.getsignal(signal.SIGTERM) if on_main else None
+            start()
+            if on_main:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+                signal.signal(signal.SIGTERM, saved if saved is not None else signal.SIG_DFL)
         if self._poller is None and hasattr(tm, "get_loads"):
             self._poller = asyncio.get_running_loop().create_task(self._poll_load(tm))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from pathlib import Path
 
 from dynamo_run.engine import EngineError
 
@@ -18,15 +19,25 @@ def short(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def load_error(name: str, model: str, exc: BaseException) -> EngineError:
-    """The EngineError for an exception raised while ``name`` loaded ``model``."""
-    full = f"{type(exc).__name__}: {exc}".lower()
+def load_error(
+    name: str,
+    model: str,
+    exc: BaseException,
+    cause: str | None = None,
+    log_file: Path | None = None,
+) -> EngineError:
+    """The EngineError for an exception raised while ``name`` loaded ``model``; ``cause``
+    is the root cause read from the engine's log (its child processes fail there, and the
+    exception that reaches us often only says "see above")."""
+    what = cause or short(exc)
+    where = f" (log: {log_file})" if log_file is not None else ""
+    full = f"{type(exc).__name__}: {exc} {cause or ''}".lower()
     if any(marker in full for marker in _OOM_MARKERS):
         return EngineError(
-            f"{name}: out of GPU memory loading '{model}' ({short(exc)}); try a smaller "
-            "model, a shorter --context-length, or a smaller KV cache in --extra-engine-args"
+            f"{name}: out of GPU memory loading '{model}' ({what}); try a smaller model, "
+            f"a shorter --context-length, or a smaller KV cache in --extra-engine-args{where}"
         )
-    return EngineError(f"{name}: cannot load '{model}': {short(exc)}")
+    return EngineError(f"{name}: cannot load '{model}': {what}{where}")
 
 
 def unknown_argument_error(name: str, exc: TypeError, known: Iterable[str]) -> EngineError:

@@ -25,6 +25,7 @@ from dynamo_run.protocol.internal import (
 from dynamo_run_trtllm.config import NAME, block_size, check_model, context_length, llm_kwargs
 from dynamo_run_trtllm.errors import load_error, short
 from dynamo_run_trtllm.kv_events import KvEventTranslator
+from dynamo_run_trtllm.logs import log_path, root_cause, stderr_to
 from dynamo_run_trtllm.sampling import sampling_kwargs
 from dynamo_run_trtllm.stream import OutputStream
 
@@ -98,10 +99,13 @@ class TrtLlmEngine:
             kv_config = kv_config_cls(**kwargs["kv_cache_config"])
         except (TypeError, ValueError) as exc:
             raise EngineError(f"{NAME}: bad kv_cache_config: {short(exc)}") from exc
+        log_file = log_path()
         try:
-            llm = llm_cls(**{**kwargs, "kv_cache_config": kv_config})
+            with stderr_to(log_file):
+                llm = llm_cls(**{**kwargs, "kv_cache_config": kv_config})
         except (Exception, SystemExit) as exc:
-            raise load_error(NAME, str(card.path), exc) from exc
+            cause = root_cause(log_file)
+            raise load_error(NAME, str(card.path), exc, cause, log_file) from exc
         return cls(
             llm,
             make,
