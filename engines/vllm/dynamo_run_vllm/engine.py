@@ -102,7 +102,7 @@ class VllmEngine:
         self.max_num_seqs = int(vllm_config.scheduler_config.max_num_seqs)
         self.vllm_block_size = int(vllm_config.cache_config.block_size)
         self.num_kv_blocks = int(vllm_config.cache_config.num_gpu_blocks or 0)
-        self.in_flight = 0
+        self._active = 0  # generate() calls running
         self._closed = False
         self._ipc_files = [e.removeprefix("ipc://") for e in kv_endpoints or ()]
         self.kv = KvEventMapper(kv_block_size)
@@ -166,6 +166,14 @@ class VllmEngine:
 
     # --- what the frontend and workers read -----------------------------------------------
     @property
+    def in_flight(self) -> int:
+        """Requests vLLM is still tracking (an aborted one leaves at once), or that are
+        on their way to it."""
+        if self.llm is None:
+            return 0
+        return max(self._active, self.llm.get_num_unfinished_requests())
+
+    @property
     def context_per_sequence(self) -> int:
         """vLLM's max_model_len: the frontend checks prompts against it."""
         return self.max_model_len
@@ -209,7 +217,7 @@ class VllmEngine:
             return
         request_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
         stream = self.llm.generate(_prompt(list(request.token_ids)), params, request_id)
-        self.in_flight += 1
+        self._active += 1
         first = True
         finished = False
         try:
@@ -248,7 +256,7 @@ class VllmEngine:
             cause = exc.__cause__ or exc
             yield EngineOutput(finish_reason=FINISH_ERROR, error=f"vllm: {one_line(cause)}")
         finally:
-            self.in_flight -= 1
+            self._active -= 1
             if not finished:
                 # Closing vLLM's generator aborts the request in the engine core, freeing
                 # its sequence and KV blocks.
