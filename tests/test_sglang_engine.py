@@ -541,6 +541,18 @@ def test_stored_blocks_get_our_chained_hashes() -> None:
     assert got[-1].kind == KV_CLEARED and t.held == 0
 
 
+def test_only_gpu_tier_events_count() -> None:
+    got: list[KvCacheEvent] = []
+    t = KvEventTranslator(4)
+    t.set_sink(got.append)
+    t.handle({**stored([1], None, [1, 2, 3, 4]), "medium": "CPU_PINNED"})
+    assert got == []
+    t.handle({**stored([1], None, [1, 2, 3, 4]), "medium": "GPU"})
+    assert len(got) == 1
+    t.handle({"type": "BlockRemoved", "block_hashes": [1], "medium": "CPU_PINNED"})
+    assert len(got) == 1 and t.held == 1
+
+
 def test_partial_and_orphan_blocks_are_skipped() -> None:
     got: list[KvCacheEvent] = []
     t = KvEventTranslator(4)
@@ -656,6 +668,50 @@ def test_subscriber_over_zmq_without_sglang() -> None:
         ctx.term()
         sub.close()
     assert got[0].block_hashes == block_hashes([1, 2, 3, 4], 4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(has_nvidia_gpu(), reason="this machine has a GPU: SGLang would start")
+def test_real_sglang_launch_failure_is_one_line(server_args_cls: Any, tmp_path: Path) -> None:
+    """The real ``sglang.Engine`` launch, from a worker thread as dynamo-run starts engines,
+    fails here (no accelerator): one EngineError line naming the cause and the log, and
+    the process lives on. Runs in a child process: SGLang sets process-wide state."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    code = (
+        "import asyncio, sys\n"
+        "from types import SimpleNamespace\n"
+        "from pathlib import Path\n"
+        "import dynamo_run_sglang\n"
+        "from dynamo_run.engine import EngineConfig, EngineError\n"
+        "from dynamo_run_sglang.engine import SGLangEngine\n"
+        "dynamo_run_sglang.unusable_reason = lambda: None  # let it try\n"
+        "card = SimpleNamespace(kind='hf', path=Path(sys.argv[1]), context_length=2048)\n"
+        "async def main():\n"
+        "    try:\n"
+        "        await asyncio.to_thread(SGLangEngine.start, card, EngineConfig())\n"
+        "    except EngineError as exc:\n"
+        "        print('ERROR', exc)\n"
+        "if __name__ == '__main__':\n"
+        "    asyncio.run(main())\n"
+        "    print('alive')\n"
+    )
+    script = tmp_path / "launch.py"
+    script.write_text(code)
+    plugin = str(Path(dynamo_run_sglang.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([plugin, *sys.path])}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(model)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=280,
+    )
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and lines[-1] == "alive", proc.stderr[-2000:]
+    assert len(lines) == 2 and lines[0].startswith(f"ERROR sglang: cannot load '{model}': ")
+    assert "(log: " in lines[0]
 
 
 # --- end to end (needs a CUDA GPU) --------------------------------------------------------

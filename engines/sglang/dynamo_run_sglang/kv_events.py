@@ -84,6 +84,8 @@ class KvEventTranslator:
 
     def handle(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
+        if event.get("medium") not in (None, "GPU"):
+            return  # host / disk tiers of the hierarchical cache: not what routing compares
         with self._lock:
             if kind == "BlockStored":
                 out = self._stored(event)
