@@ -134,14 +134,14 @@ def test_llm_kwargs_defaults() -> None:
     assert kwargs == {
         "model": "/models/llama",
         "kv_cache_config": {
-            "tokens_per_block": 16,
+            "tokens_per_block": 32,  # TensorRT-LLM's default
             "enable_block_reuse": True,
             "event_buffer_max_size": EVENT_BUFFER,
         },
         "guided_decoding_backend": "xgrammar",
         "enable_iter_perf_stats": True,
     }
-    assert block_size(kwargs) == 16 and context_length(hf_card(), kwargs) == 4096
+    assert block_size(kwargs) == 32 and context_length(hf_card(), kwargs) == 4096
 
 
 def test_llm_kwargs_pass_the_flags_through() -> None:

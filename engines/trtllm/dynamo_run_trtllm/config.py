@@ -11,10 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from dynamo_run.engine import EngineConfig, EngineError
-from dynamo_run.kv_blocks import DEFAULT_BLOCK_SIZE
 from dynamo_run.model.card import ModelCard
 
 NAME = "trtllm"
+# TensorRT-LLM's own default (its attention kernels are tuned for it), and Dynamo's for it;
+# --kv-cache-block-size sets another.
+DEFAULT_TOKENS_PER_BLOCK = 32
 # KV events TensorRT-LLM keeps for us between polls; a full buffer drops the oldest.
 EVENT_BUFFER = 4096
 
@@ -37,14 +39,14 @@ def _positive_int(key: str, value: Any) -> int:
 
 def llm_kwargs(card: ModelCard, config: EngineConfig) -> dict[str, Any]:
     """``LLM`` keywords. ``kv_cache_config.tokens_per_block`` is the KV block size
-    (``--kv-cache-block-size``, else ours, 16) so that one TensorRT-LLM KV event block is
-    one router block; block reuse and the KV event buffer are on, for prefix caching and
+    (``--kv-cache-block-size``, else TensorRT-LLM's 32), which is also the block size of
+    the KV events we report (one TensorRT-LLM block is one router block); block reuse and the KV event buffer are on, for prefix caching and
     KV-aware routing; xgrammar serves json_object / json_schema; per-iteration stats feed
     ``load()``."""
     extra = dict(config.extra or {})
     if "model" in extra:
         raise EngineError(f"{NAME}: give the model as MODEL, not as 'model' in the engine args")
-    block = DEFAULT_BLOCK_SIZE
+    block = DEFAULT_TOKENS_PER_BLOCK
     if config.kv_cache_block_size is not None:
         block = _positive_int("--kv-cache-block-size", config.kv_cache_block_size)
     kv_cache: dict[str, Any] = {

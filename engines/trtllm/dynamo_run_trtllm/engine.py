@@ -70,7 +70,7 @@ class TrtLlmEngine:
         llm: Any,
         make_sampling_params: SamplingFactory,
         *,
-        block_size: int = 16,
+        block_size: int = 32,
         context_length: int = 4096,
         kv: KvEventTranslator | None = None,
     ) -> None:
