@@ -14,7 +14,6 @@ import contextlib
 import gc
 import logging
 import os
-import signal
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from dynamo_run.protocol.internal import (
     EngineOutput,
     PreprocessedRequest,
 )
+from dynamo_run_vllm.detach import own_process_group
 from dynamo_run_vllm.install import device_of, installed_build, unusable_reason
 from dynamo_run_vllm.kv_events import KvEventMapper, KvEventSubscriber
 from dynamo_run_vllm.logs import configure_vllm_logging, one_line, root_cause, stderr_to
@@ -136,12 +136,8 @@ class VllmEngine:
 
         endpoints = kv_endpoints()
         snapshot = SchedulerSnapshot()
-        # Ctrl-C in the shell cancels an answer; it must not reach vLLM's engine core
-        # (which shuts down on SIGINT). It is started from this thread and inherits its
-        # signal mask.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            with stderr_to(log_file, enabled=verbosity == 0):
+            with stderr_to(log_file, enabled=verbosity == 0), own_process_group():
                 async_llm = _import_vllm()
                 args = build_engine_args(card, config, *endpoints, cpu=cpu)
                 llm = async_llm.from_engine_args(args, stat_loggers=[stat_logger_factory(snapshot)])
@@ -149,8 +145,6 @@ class VllmEngine:
             raise
         except Exception as exc:
             raise _start_failed(exc, log_file, card) from exc
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         engine = cls(llm, block_size, snapshot, log_file, endpoints)
         del llm  # only the engine holds it, so that close() can let it go
         log.info(
