@@ -23,7 +23,7 @@ from vllm_helpers import CONTEXT, VLLM_ENV, hf_folder, needs_vllm
 
 __all__ = ["hf_folder"]  # the fixture, imported for pytest
 
-pytestmark = [needs_vllm, pytest.mark.slow]
+pytestmark = [needs_vllm, pytest.mark.slow, pytest.mark.timeout(900)]
 
 START_S = 600  # vLLM starts in ~30 s idle; much longer while other tests load the CPUs
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]

@@ -30,7 +30,7 @@ from dynamo_run.protocol.internal import (
 
 __all__ = ["hf_folder"]  # the fixture, imported for pytest
 
-pytestmark = [needs_vllm, pytest.mark.slow]
+pytestmark = [needs_vllm, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 class Loop:
