@@ -241,11 +241,7 @@ class VllmEngine:
             if not finished:  # the stream ended without a finished output: aborted
                 finished = True
                 yield EngineOutput(finish_reason=FINISH_CANCELLED)
-        except asyncio.CancelledError:
-            raise
-        except GeneratorExit:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # not cancellation (BaseException): that aborts, below
             finished = True
             cause = exc.__cause__ or exc
             yield EngineOutput(finish_reason=FINISH_ERROR, error=f"vllm: {one_line(cause)}")
