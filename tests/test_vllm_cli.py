@@ -132,9 +132,14 @@ def test_hang_up_frees_the_request_in_vllm(server: Server) -> None:
     }
     with httpx.stream("POST", server.url + "/completions", json=body, timeout=120) as res:
         lines = res.iter_lines()
-        for _ in range(4):
-            next(lines)
-        assert metric(server.metrics(), "dynamo_engine_inflight_requests") == 1
+        seen = [next(lines) for _ in range(4)]
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the scrape races nothing, but be patient
+            during = metric(server.metrics(), "dynamo_engine_inflight_requests")
+            if during == 1:
+                break
+            time.sleep(0.1)
+        assert during == 1, (seen, server.log()[-2000:])
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         values = server.metrics()
