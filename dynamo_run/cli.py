@@ -34,6 +34,7 @@ EXAMPLES = """\
 [bold]Examples[/]
   dynamo-run                                      chat with the default model
   dynamo-run in=text out=llamacpp model.gguf      chat with a GGUF model
+  dynamo-run out=vllm Qwen/Qwen3-0.6B             chat through vLLM (HF model)
   echo "Why is the sky blue?" | dynamo-run        answer one question and exit
   dynamo-run in=http out=llamacpp --http-port 8080    OpenAI-compatible server
   dynamo-run in=grpc out=llamacpp                 KServe v2 / Triton gRPC server on :8001
@@ -44,11 +45,22 @@ EXAMPLES = """\
 """
 
 
-def _epilog() -> str:
-    from dynamo_run.engine import installed_engines
+def _engines_line() -> str:
+    """Installed engines, each marked with why it cannot run here if it cannot."""
+    from dynamo_run.engine import engine_usability
 
-    engines = ", ".join(sorted(installed_engines())) or "none"
-    return EXAMPLES.format(engines=engines)
+    usability = engine_usability()
+    parts = [
+        name if reason is None else f"{name} (not usable: {reason})"
+        for name, reason in sorted(usability.items())
+    ]
+    return ", ".join(parts) or "none"
+
+
+def _epilog() -> str:
+    from rich.markup import escape
+
+    return EXAMPLES.format(engines=escape(_engines_line()))
 
 
 app = typer.Typer(
@@ -62,6 +74,7 @@ app = typer.Typer(
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"dynamo-run {__version__}")
+        typer.echo(f"engines: {_engines_line()}")
         raise typer.Exit()
 
 
@@ -91,6 +104,10 @@ def run(
         int | None, typer.Option(help="Limit the context (tokens); default: the model's.")
     ] = None,
     kv_cache_block_size: Annotated[int | None, typer.Option(help="KV cache block size.")] = None,
+    tensor_parallel_size: Annotated[
+        int | None,
+        typer.Option(help="vllm, sglang, trtllm: GPUs to split the model over."),
+    ] = None,
     http_host: Annotated[str, typer.Option(help="in=http: address to bind.")] = "127.0.0.1",
     http_port: Annotated[int, typer.Option(help="in=http: port to bind.")] = 8000,
     grpc_host: Annotated[str, typer.Option(help="in=grpc: address to bind.")] = "127.0.0.1",
@@ -201,6 +218,7 @@ def run(
         model_name=model_name,
         context_length=context_length,
         kv_cache_block_size=kv_cache_block_size,
+        tensor_parallel_size=tensor_parallel_size,
         http_host=http_host,
         http_port=http_port,
         grpc_host=grpc_host,

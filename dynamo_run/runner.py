@@ -7,7 +7,15 @@ import importlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from dynamo_run.engine import Engine, EngineConfig, EngineError, load_engine_factory
+from dynamo_run.engine import (
+    HF_ENGINES,
+    Engine,
+    EngineConfig,
+    EngineError,
+    engine_usability,
+    install_hint,
+    load_engine_factory,
+)
 from dynamo_run.model.card import CardOverrides, ModelCard, ModelCardError, load_model_card
 from dynamo_run.model.resolve import ModelNotFoundError
 from dynamo_run.pipeline.client import ModelClient
@@ -28,7 +36,7 @@ INPUT_RUNNERS: dict[str, str] = {
 # Engines that `out=auto` may pick, best first, per model format.
 AUTO_ENGINES: dict[str, tuple[str, ...]] = {
     "gguf": ("llamacpp",),
-    "hf": ("vllm", "sglang", "trtllm", "llamacpp"),
+    "hf": HF_ENGINES,
 }
 
 
@@ -37,20 +45,30 @@ class RunError(RuntimeError):
 
 
 def choose_engine(spec: RunSpec, card: ModelCard) -> str:
-    """The engine name for out=ENGINE, resolving out=auto from the model's format."""
-    from dynamo_run.engine import installed_engines
-
+    """The engine name for out=ENGINE, resolving out=auto from the model's format: the
+    first engine for it that is installed and usable here."""
     if spec.output.kind != "auto":
         return spec.output.kind
-    available = installed_engines()
-    for name in AUTO_ENGINES.get(card.kind, ()):
-        if name in available:
+    wanted = AUTO_ENGINES.get(card.kind, ())
+    usable = engine_usability(list(wanted))
+    for name in wanted:
+        if name in usable and usable[name] is None:
             return name
-    wanted = " or ".join(AUTO_ENGINES.get(card.kind, ()))
+    why = "; ".join(f"{name}: {reason}" for name, reason in usable.items() if reason)
+    hint = install_hint(wanted[0]) if wanted else "pass out=echo"
     raise RunError(
-        f"out=auto: no engine installed for a {card.kind.upper()} model; install {wanted} "
-        f"(pip install 'dynamo-run[llamacpp]') or pass out=echo"
+        f"out=auto: no engine for a {card.kind.upper()} model is installed and usable here"
+        f"{f' ({why})' if why else ''}; {hint}"
     )
+
+
+def check_engine(name: str) -> None:
+    """Fail with one line if engine ``name`` is missing or cannot run on this machine."""
+    reason = engine_usability([name]).get(name, "not installed")
+    if reason == "not installed":
+        raise RunError(f"out={name}: the {name} engine is not installed; {install_hint(name)}")
+    if reason:
+        raise RunError(f"out={name}: {reason}")
 
 
 def start_engine(name: str, card: ModelCard, spec: RunSpec) -> Engine:
@@ -60,6 +78,7 @@ def start_engine(name: str, card: ModelCard, spec: RunSpec) -> Engine:
             context_length=card.context_length,
             kv_cache_block_size=spec.flags.kv_cache_block_size,
             extra=dict(spec.extra_engine_args),
+            tensor_parallel_size=spec.flags.tensor_parallel_size,
         )
         return factory(card, config)
     except EngineError as exc:
@@ -81,9 +100,6 @@ def load_card(spec: RunSpec) -> ModelCard:
     return card_overrides(spec).apply(card)
 
 
-# Outputs that later issues deliver: they parse, then fail with one clear line.
-UNAVAILABLE_ENGINES = frozenset({"vllm", "sglang", "trtllm"})
-
 InputRunner = Callable[["asyncio.Task[ModelClient]", RunSpec], Awaitable[int]]
 
 
@@ -97,10 +113,10 @@ def input_runner(kind: str) -> InputRunner:
 
 async def load_client(spec: RunSpec) -> ModelClient:
     """Resolve the model, pick and start the engine; off the event loop."""
+    if spec.output.kind != "auto":  # before the model: a missing engine is the first thing
+        check_engine(spec.output.kind)
     card = await asyncio.to_thread(load_card, spec)
     engine_name = choose_engine(spec, card)
-    if engine_name in UNAVAILABLE_ENGINES:
-        raise RunError(f"out={engine_name} is not available in this build")
     log.info("model %s (%s), engine %s", card.name, card.path, engine_name)
     engine = await asyncio.to_thread(start_engine, engine_name, card, spec)
     # An engine may hold less context per sequence than the model was trained for (llama.cpp

