@@ -35,14 +35,15 @@ except ImportError:  # the plugin is not installed in this environment: use the 
 from dynamo_run_sglang import create_engine, unusable_reason
 from dynamo_run_sglang.config import engine_kwargs, page_size, publishes_to
 from dynamo_run_sglang.engine import SGLangEngine, _start_sglang
-from dynamo_run_sglang.errors import load_error
 from dynamo_run_sglang.kv_events import KvEventTranslator, ZmqKvSubscriber, decode_batch
-from dynamo_run_sglang.launch import root_cause, stderr_to
+from dynamo_run_sglang.launch import LOG_WRAPPERS
 from dynamo_run_sglang.sampling import JSON_OBJECT_SCHEMA, generate_kwargs, sampling_params
 from dynamo_run_sglang.stream import OutputStream, finish_reason
 
 from dynamo_run.devices import has_nvidia_gpu
 from dynamo_run.engine import EngineConfig, EngineError
+from dynamo_run.engine_support.errors import load_error
+from dynamo_run.engine_support.startup_log import root_cause
 from dynamo_run.kv_blocks import block_hashes
 from dynamo_run.model.card import load_model_card
 from dynamo_run.protocol.internal import (
@@ -128,7 +129,7 @@ RuntimeError: Rank 0 scheduler died during initialization (exit code: -9).
 def test_root_cause_and_the_one_line_error(tmp_path: Path) -> None:
     log_file = tmp_path / "sglang.log"
     log_file.write_text(SCHEDULER_LOG)
-    cause = root_cause(log_file)
+    cause = root_cause(log_file, LOG_WRAPPERS)
     assert cause == (
         "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. "
         "GPU 0 has a total capacity of 79.1 GiB"
@@ -139,17 +140,7 @@ def test_root_cause_and_the_one_line_error(tmp_path: Path) -> None:
     assert f"(log: {log_file})" in text
     plain = load_error("sglang", "/m", ValueError("Unsupported architecture Foo\nmore"))
     assert str(plain) == "sglang: cannot load '/m': more"
-    assert root_cause(tmp_path / "missing.log") is None
-
-
-def test_children_write_to_the_log_while_launching(tmp_path: Path) -> None:
-    log_file = tmp_path / "sglang.log"
-    with stderr_to(log_file):
-        subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('child says hi')"])
-    proc = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.stderr.write('after')"], capture_output=True
-    )
-    assert log_file.read_text() == "child says hi" and proc.stderr == b"after"
+    assert root_cause(tmp_path / "missing.log", LOG_WRAPPERS) is None
 
 
 def test_child_sigquit_off_the_main_thread_does_not_kill_us() -> None:

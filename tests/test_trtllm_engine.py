@@ -32,15 +32,15 @@ except ImportError:  # the plugin is not installed in this environment: use the 
 
 from dynamo_run_trtllm import create_engine, unusable_reason
 from dynamo_run_trtllm.config import EVENT_BUFFER, block_size, context_length, llm_kwargs
-from dynamo_run_trtllm.engine import TrtLlmEngine
-from dynamo_run_trtllm.errors import load_error
+from dynamo_run_trtllm.engine import LOG_WRAPPERS, TrtLlmEngine
 from dynamo_run_trtllm.kv_events import KvEventTranslator
-from dynamo_run_trtllm.logs import root_cause
 from dynamo_run_trtllm.sampling import sampling_kwargs
 from dynamo_run_trtllm.stream import OutputStream, finish_reason, token_logprob
 
 from dynamo_run.devices import has_nvidia_gpu
 from dynamo_run.engine import EngineConfig, EngineError
+from dynamo_run.engine_support.errors import load_error
+from dynamo_run.engine_support.startup_log import root_cause
 from dynamo_run.kv_blocks import block_hashes
 from dynamo_run.model.card import load_model_card
 from dynamo_run.protocol.internal import (
@@ -117,7 +117,7 @@ def test_root_cause_and_the_one_line_error(tmp_path: Path) -> None:
         "ValueError: Unsupported model architecture: FooForCausalLM\n"
         "RuntimeError: Executor creation failed due to worker errors\n"
     )
-    cause = root_cause(log_file)
+    cause = root_cause(log_file, LOG_WRAPPERS)
     assert cause == "ValueError: Unsupported model architecture: FooForCausalLM"
     err = load_error("trtllm", "/m", RuntimeError("Executor creation failed"), cause, log_file)
     assert str(err) == (

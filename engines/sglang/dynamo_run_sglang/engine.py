@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from dynamo_run.engine import EngineConfig, EngineError, KvEventSink
+from dynamo_run.engine_support.errors import load_error, short, unknown_argument_error
+from dynamo_run.engine_support.startup_log import log_path, root_cause, stderr_to
 from dynamo_run.model.card import ModelCard
 from dynamo_run.protocol.internal import (
     FINISH_ERROR,
@@ -27,14 +29,11 @@ from dynamo_run.protocol.internal import (
     PreprocessedRequest,
 )
 from dynamo_run_sglang.config import NAME, check_model, engine_kwargs, page_size, publishes_to
-from dynamo_run_sglang.errors import load_error, short, unknown_argument_error
 from dynamo_run_sglang.kv_events import KvEventTranslator, ZmqKvSubscriber
 from dynamo_run_sglang.launch import (
-    log_path,
+    LOG_WRAPPERS,
     on_child_failure,
-    root_cause,
     sigquit_ignored_off_main_thread,
-    stderr_to,
 )
 from dynamo_run_sglang.sampling import generate_kwargs, new_rid
 from dynamo_run_sglang.stream import OutputStream
@@ -110,14 +109,14 @@ class SGLangEngine:
             if not publishes_to(kwargs, subscriber.endpoint):
                 subscriber.close()
                 subscriber = None
-            log_file = log_path()
+            log_file = log_path(NAME)
             try:
                 with stderr_to(log_file), sigquit_ignored_off_main_thread():
                     sgl = _start_sglang(kwargs)
             except EngineError:
                 raise
             except (Exception, SystemExit) as exc:
-                cause = root_cause(log_file)
+                cause = root_cause(log_file, LOG_WRAPPERS)
                 raise load_error(NAME, str(card.path), exc, cause, log_file) from exc
         except BaseException:
             if subscriber is not None:

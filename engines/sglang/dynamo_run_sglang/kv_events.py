@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 
-from dynamo_run.engine import KvEventSink
-from dynamo_run.kv_blocks import block_hash
-from dynamo_run.protocol.internal import KV_CLEARED, KV_REMOVED, KV_STORED, KvCacheEvent
+from dynamo_run.engine_support.kv_rehash import KvRehasher
 
 log = logging.getLogger("dynamo_run.sglang")
 
@@ -35,10 +33,6 @@ _FIELDS = {
     "BlockRemoved": ("block_hashes",),
     "AllBlocksCleared": (),
 }
-
-
-def _key(value: Any) -> Hashable:
-    return tuple(value) if isinstance(value, list) else value
 
 
 def decode_batch(payload: bytes) -> list[dict[str, Any]]:
@@ -54,104 +48,40 @@ def decode_batch(payload: bytes) -> list[dict[str, Any]]:
     return events
 
 
-class KvEventTranslator:
-    """SGLang's events in, ours out to the sink. Holder counts per hash of ours, because
-    two SGLang blocks (different cache salts, say) can hold the same tokens."""
+class KvEventTranslator(KvRehasher):
+    """SGLang's events in, ours out to the sink. Only the GPU tier counts, and the block
+    size follows the page size SGLang settled on."""
 
     def __init__(self, block_size: int) -> None:
-        self.block_size = block_size
-        self._lock = threading.Lock()
-        self._sink: KvEventSink | None = None
-        self._theirs: dict[Hashable, int] = {}  # SGLang hash -> our hash
-        self._refs: dict[int, int] = {}  # our hash -> SGLang blocks holding it
-        self._parent: dict[int, int | None] = {}  # our hash -> our parent hash
-        self.skipped = 0  # stored blocks whose parent we never saw (joined late)
-
-    def set_sink(self, sink: KvEventSink | None) -> None:
-        """A new sink first hears what is held now (as ``stored``, parents first); a
-        replaced one hears ``cleared``."""
-        with self._lock:
-            old, self._sink = self._sink, sink
-            if old is not None and old is not sink:
-                old(KvCacheEvent(KV_CLEARED, block_size=self.block_size))
-            if sink is not None and sink is not old:
-                for ours, parent in self._parent.items():  # insertion order: parents first
-                    sink(KvCacheEvent(KV_STORED, [ours], parent, self.block_size))
-
-    @property
-    def held(self) -> int:
-        return len(self._refs)
+        super().__init__(block_size, engine="sglang")
 
     def handle(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         if event.get("medium") not in (None, "GPU"):
             return  # host / disk tiers of the hierarchical cache: not what routing compares
-        with self._lock:
-            if kind == "BlockStored":
-                out = self._stored(event)
-            elif kind == "BlockRemoved":
-                out = self._removed(event.get("block_hashes") or [])
-            elif kind == "AllBlocksCleared":
-                self._theirs.clear()
-                self._refs.clear()
-                self._parent.clear()
-                out = [KvCacheEvent(KV_CLEARED, block_size=self.block_size)]
-            else:
-                return
-            if self._sink is not None:
-                for ev in out:
-                    self._sink(ev)
+        if kind == "BlockStored":
+            self._stored(event)
+        elif kind == "BlockRemoved":
+            self.removed(event.get("block_hashes") or [])
+        elif kind == "AllBlocksCleared":
+            self.clear()
 
-    def _stored(self, event: dict[str, Any]) -> list[KvCacheEvent]:
+    def _stored(self, event: dict[str, Any]) -> None:
         hashes: Sequence[Any] = event.get("block_hashes") or []
         tokens: Sequence[int] = event.get("token_ids") or []
-        bs = int(event.get("block_size") or self.block_size)
-        if bs != self.block_size:
-            if self._refs:
-                log.warning("sglang: KV event block size %d, not %d; ignored", bs, self.block_size)
-                return []
-            # SGLang settled on another page size than we asked for (some attention
-            # backends force one): report blocks of its size; each event says which.
-            self.block_size = bs
-        parent_theirs = event.get("parent_block_hash")
-        parent: int | None = None
-        if parent_theirs is not None:
-            parent = self._theirs.get(_key(parent_theirs))
-            if parent is None:
-                self.skipped += len(hashes)
-                return []
-        events: list[KvCacheEvent] = []
-        for i, theirs in enumerate(hashes):
-            block = list(tokens[i * bs : (i + 1) * bs])
-            if len(block) < bs:
-                break  # a partial block is never shared
-            ours = block_hash(parent, block)
-            key = _key(theirs)
-            if key not in self._theirs:
-                self._theirs[key] = ours
-                self._refs[ours] = self._refs.get(ours, 0) + 1
-                if self._refs[ours] == 1:
-                    self._parent[ours] = parent
-                    last = events[-1] if events else None
-                    if last is not None and last.block_hashes[-1] == parent:
-                        last.block_hashes.append(ours)  # continues the same run
-                    else:
-                        events.append(KvCacheEvent(KV_STORED, [ours], parent, bs))
-            parent = ours
-        return events
-
-    def _removed(self, hashes: Sequence[Any]) -> list[KvCacheEvent]:
-        gone = []
-        for theirs in hashes:
-            ours = self._theirs.pop(_key(theirs), None)
-            if ours is None:
-                continue
-            self._refs[ours] -= 1
-            if self._refs[ours] == 0:
-                del self._refs[ours]
-                del self._parent[ours]
-                gone.append(ours)
-        return [KvCacheEvent(KV_REMOVED, gone, block_size=self.block_size)] if gone else []
+        with self.lock:
+            bs = int(event.get("block_size") or self.block_size)
+            if bs != self.block_size:
+                if self.held:
+                    log.warning(
+                        "sglang: KV event block size %d, not %d; ignored", bs, self.block_size
+                    )
+                    return
+                # SGLang settled on another page size than we asked for (some attention
+                # backends force one): report blocks of its size; each event says which.
+                self.block_size = bs
+            blocks = [(h, tokens[i * bs : (i + 1) * bs]) for i, h in enumerate(hashes)]
+            self.stored(event.get("parent_block_hash"), blocks)
 
 
 class ZmqKvSubscriber:

@@ -8,9 +8,10 @@ default action ends the process with a core dump. So while SGLang launches:
 
 - SIGQUIT is only noted (``custom_sigquit_handler`` on the main thread, ignored off it), so
   the launch itself notices the dead child and raises;
-- file descriptor 2 goes to a log file, which the children keep as their stderr, so their
-  tracebacks and progress bars stay out of the chat shell; the root cause is read back
-  from it for the one-line error.
+- file descriptor 2 goes to a log file (dynamo_run.engine_support.startup_log), which the
+  children keep as their stderr, so their tracebacks and progress bars stay out of the
+  chat shell; the root cause is read back from it for the one-line error, skipping
+  ``LOG_WRAPPERS``.
 """
 
 from __future__ import annotations
@@ -18,27 +19,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import os
-import re
 import signal
-import sys
-import tempfile
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from types import FrameType
 
 log = logging.getLogger("dynamo_run.sglang")
 
-_EXC_LINE = re.compile(r"([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
-# Wrappers that point at the real error rather than say it.
-_WRAPPERS = ("Initialization failed", "Rank 0 scheduler", "Please see the error")
+# SGLang's messages that point at the real error in its log rather than say it.
+LOG_WRAPPERS = ("Initialization failed", "Rank 0 scheduler", "Please see the error")
 _SIG_IGN = 1
-
-
-def log_path() -> Path:
-    """This process's SGLang log file."""
-    return Path(tempfile.gettempdir()) / f"dynamo-run-sglang-{os.getpid()}.log"
 
 
 def on_child_failure(signum: int, frame: FrameType | None) -> None:
@@ -61,32 +51,3 @@ def sigquit_ignored_off_main_thread() -> Iterator[None]:
         yield
     finally:
         libc.signal(signal.SIGQUIT, previous)
-
-
-@contextlib.contextmanager
-def stderr_to(path: Path) -> Iterator[None]:
-    """Send file descriptor 2 to ``path`` while SGLang starts (its children keep it)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.dup2(target, 2)
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(target)
-
-
-def root_cause(path: Path) -> str | None:
-    """The last exception line in the log that says what went wrong, if any."""
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        match = _EXC_LINE.search(line.strip())
-        if match and not match.group(2).startswith(_WRAPPERS):
-            return f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2)}"
-    return None

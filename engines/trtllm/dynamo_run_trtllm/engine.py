@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from dynamo_run.engine import EngineConfig, EngineError, KvEventSink
+from dynamo_run.engine_support.errors import load_error, short
+from dynamo_run.engine_support.startup_log import log_path, root_cause, stderr_to
 from dynamo_run.model.card import ModelCard
 from dynamo_run.protocol.internal import (
     FINISH_ERROR,
@@ -23,15 +25,16 @@ from dynamo_run.protocol.internal import (
     PreprocessedRequest,
 )
 from dynamo_run_trtllm.config import NAME, block_size, check_model, context_length, llm_kwargs
-from dynamo_run_trtllm.errors import load_error, short
 from dynamo_run_trtllm.kv_events import KvEventTranslator
-from dynamo_run_trtllm.logs import log_path, root_cause, stderr_to
 from dynamo_run_trtllm.sampling import sampling_kwargs
 from dynamo_run_trtllm.stream import OutputStream
 
 log = logging.getLogger("dynamo_run.trtllm")
 
 POLL_TIMEOUT_S = 1.0  # how long one stats / KV events poll waits for news
+# TensorRT-LLM's messages that point at the real error in its log rather than say it. Its
+# workers (MPI or multiprocessing) keep the log as their stderr while the LLM starts.
+LOG_WRAPPERS = ("Executor creation failed", "Failed to parse the arguments", "See above")
 
 SamplingFactory = Callable[[dict[str, Any]], Any]
 
@@ -99,12 +102,12 @@ class TrtLlmEngine:
             kv_config = kv_config_cls(**kwargs["kv_cache_config"])
         except (TypeError, ValueError) as exc:
             raise EngineError(f"{NAME}: bad kv_cache_config: {short(exc)}") from exc
-        log_file = log_path()
+        log_file = log_path(NAME)
         try:
             with stderr_to(log_file):
                 llm = llm_cls(**{**kwargs, "kv_cache_config": kv_config})
         except (Exception, SystemExit) as exc:
-            cause = root_cause(log_file)
+            cause = root_cause(log_file, LOG_WRAPPERS)
             raise load_error(NAME, str(card.path), exc, cause, log_file) from exc
         return cls(
             llm,

@@ -17,6 +17,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from dynamo_run.engine import EngineConfig, EngineError
+from dynamo_run.engine_support.errors import one_line
 
 if TYPE_CHECKING:
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -102,6 +103,4 @@ def build_engine_args(
     try:
         return AsyncEngineArgs(**kwargs)
     except (TypeError, ValueError) as exc:
-        from dynamo_run_vllm.logs import one_line
-
         raise EngineError(f"vllm: bad engine arguments: {one_line(exc)}") from exc

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from dynamo_run.engine import EngineConfig, EngineError, KvEventSink
+from dynamo_run.engine_support.errors import one_line
+from dynamo_run.engine_support.startup_log import root_cause, stderr_to
 from dynamo_run.kv_blocks import DEFAULT_BLOCK_SIZE
 from dynamo_run.model.card import ModelCard
 from dynamo_run.protocol.internal import (
@@ -32,7 +34,7 @@ from dynamo_run.protocol.internal import (
 from dynamo_run_vllm.detach import own_process_group
 from dynamo_run_vllm.install import device_of, installed_build, unusable_reason
 from dynamo_run_vllm.kv_events import KvEventMapper, KvEventSubscriber
-from dynamo_run_vllm.logs import configure_vllm_logging, one_line, root_cause, stderr_to
+from dynamo_run_vllm.logs import EXCEPTION_LINE, LOG_WRAPPERS, configure_vllm_logging
 from dynamo_run_vllm.sampling import FINISH_REASONS, sampling_params, token_logprobs
 from dynamo_run_vllm.stats import SchedulerSnapshot, stat_logger_factory
 
@@ -72,7 +74,8 @@ def _prompt(token_ids: list[int]) -> Any:
 def _start_failed(exc: BaseException, log_file: Path, card: ModelCard) -> EngineError:
     """One line for a failed start: the root cause from vLLM's log when the exception only
     says "see above" (the engine core died in its own process)."""
-    cause = root_cause(log_file) if "see root cause" in str(exc).lower() else None
+    see_above = "see root cause" in str(exc).lower()
+    cause = root_cause(log_file, LOG_WRAPPERS, EXCEPTION_LINE) if see_above else None
     message = cause or f"{type(exc).__name__}: {one_line(exc)}"
     lowered = message.lower()
     if "out of memory" in lowered or "insufficient memory" in lowered:

@@ -21,61 +21,34 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 from dynamo_run.engine import KvEventSink
-from dynamo_run.kv_blocks import block_hashes
-from dynamo_run.protocol.internal import KV_CLEARED, KV_REMOVED, KV_STORED, KvCacheEvent
+from dynamo_run.engine_support.kv_rehash import KvRehasher
 
 log = logging.getLogger("dynamo_run.vllm")
 
 _END_SEQ = -1
 
 
-@dataclass
-class _Held:
-    """One vLLM block we know: our hashes for its tokens, and how many times it is held."""
+class KvEventMapper(KvRehasher):
+    """vLLM's KV events -> ours, in blocks of ``block_size`` tokens. One thread applies
+    events; ``set_sink`` may be called from another."""
 
-    ours: list[int]
-    parent: int | None  # our hash of the block before its first one
-    count: int = 1
-
-
-@dataclass
-class KvEventMapper:
-    """vLLM's KV events -> ours, in blocks of ``block_size`` tokens. Not thread-safe: one
-    thread applies events; ``set_sink`` may be called from another (under ``lock``)."""
-
-    block_size: int
-    sink: KvEventSink | None = None
-    held: dict[Any, _Held] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    skipped: int = 0  # stored blocks whose parent we never saw (not reported)
-    events: int = 0
-
-    def set_sink(self, sink: KvEventSink | None) -> None:
-        """A new sink first learns what the cache holds now; a replaced one that it is
-        all gone."""
-        with self.lock:
-            old, self.sink = self.sink, sink
-            if old is not None and old is not sink:
-                self._send_to(old, KvCacheEvent(kind=KV_CLEARED, block_size=self.block_size))
-            if sink is not None and sink is not old:
-                for entry in self.held.values():
-                    self._send(KvCacheEvent(KV_STORED, entry.ours, entry.parent, self.block_size))
+    def __init__(self, block_size: int, sink: KvEventSink | None = None) -> None:
+        super().__init__(block_size, engine="vllm", count_repeats=True)
+        if sink is not None:
+            self.set_sink(sink)
 
     def apply(self, event: Any) -> None:
         """One vLLM event (BlockStored, BlockRemoved or AllBlocksCleared)."""
         kind = type(event).__name__
-        with self.lock:
-            if kind == "BlockStored":
-                self._stored(event)
-            elif kind == "BlockRemoved":
-                self._removed(event.block_hashes)
-            elif kind == "AllBlocksCleared":
-                self.held.clear()
-                self._send(KvCacheEvent(kind=KV_CLEARED, block_size=self.block_size))
+        if kind == "BlockStored":
+            self._stored(event)
+        elif kind == "BlockRemoved":
+            self.removed(event.block_hashes)
+        elif kind == "AllBlocksCleared":
+            self.clear()
 
     def _stored(self, event: Any) -> None:
         vllm_size = int(event.block_size)
@@ -88,59 +61,12 @@ class KvEventMapper:
                 )
             self.skipped += len(event.block_hashes)
             return
-        parent_vllm = event.parent_block_hash
-        parent: int | None = None
-        if parent_vllm is not None:
-            before = self.held.get(parent_vllm)
-            if before is None:  # its prefix was never reported: ours cannot be computed
-                self.skipped += len(event.block_hashes)
-                return
-            parent = before.ours[-1]
         tokens = list(event.token_ids)
-        run: list[int] = []  # our hashes nobody held before, in chain order
-        run_parent = parent
-        for i, vllm_hash in enumerate(event.block_hashes):
-            chunk = tokens[i * vllm_size : (i + 1) * vllm_size]
-            if len(chunk) < vllm_size:
-                break  # fewer tokens than blocks: nothing sensible to report
-            ours = block_hashes(chunk, self.block_size, parent)
-            entry = self.held.get(vllm_hash)
-            if entry is not None:  # held already: report the run before it, go on after
-                entry.count += 1
-                if run:
-                    self._send(KvCacheEvent(KV_STORED, run, run_parent, self.block_size))
-                    run = []
-                run_parent = ours[-1]
-            else:
-                self.held[vllm_hash] = _Held(ours, parent)
-                run.extend(ours)
-            parent = ours[-1]
-        if run:
-            self._send(KvCacheEvent(KV_STORED, run, run_parent, self.block_size))
-
-    def _removed(self, vllm_hashes: list[Any]) -> None:
-        gone: list[int] = []
-        for vllm_hash in vllm_hashes:
-            entry = self.held.get(vllm_hash)
-            if entry is None:
-                continue
-            entry.count -= 1
-            if entry.count <= 0:
-                del self.held[vllm_hash]
-                gone.extend(reversed(entry.ours))
-        if gone:
-            self._send(KvCacheEvent(kind=KV_REMOVED, block_hashes=gone, block_size=self.block_size))
-
-    def _send(self, event: KvCacheEvent) -> None:
-        if self.sink is not None:
-            self._send_to(self.sink, event)
-
-    def _send_to(self, sink: KvEventSink, event: KvCacheEvent) -> None:
-        self.events += 1
-        try:
-            sink(event)
-        except Exception:  # a broken listener must not stop the subscriber
-            log.exception("vllm: KV event sink failed")
+        blocks = [
+            (vllm_hash, tokens[i * vllm_size : (i + 1) * vllm_size])
+            for i, vllm_hash in enumerate(event.block_hashes)
+        ]
+        self.stored(event.parent_block_hash, blocks, tokens_per_block=vllm_size)
 
 
 class KvEventSubscriber:

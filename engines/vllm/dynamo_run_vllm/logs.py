@@ -10,19 +10,18 @@ cause is read back from that file and reported in one line with the file's path.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
-import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)): (.+)$")
+from dynamo_run.engine_support.startup_log import log_path
+
+# vLLM's exception lines start the line (its logging prefixes nothing to them).
+EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)): (.+)$")
 # Wrappers that say "see above" rather than what went wrong.
-_WRAPPERS = ("Engine core initialization failed",)
+LOG_WRAPPERS = ("Engine core initialization failed",)
 
 
 class OneLineFormatter(logging.Formatter):
@@ -43,15 +42,10 @@ class OneLineFormatter(logging.Formatter):
         return line
 
 
-def log_path() -> Path:
-    """This process's vLLM log file."""
-    return Path(tempfile.gettempdir()) / f"dynamo-run-vllm-{os.getpid()}.log"
-
-
 def configure_vllm_logging(verbosity: int) -> Path:
     """Point vLLM's logging at a fresh log file (and stderr at -v / -vv) before vLLM is
     imported; returns the log file. A user's own VLLM_LOGGING_CONFIG_PATH is kept."""
-    log_file = log_path()
+    log_file = log_path("vllm")
     if os.environ.get("VLLM_LOGGING_CONFIG_PATH") and not os.environ.get(
         "DYNAMO_RUN_VLLM_LOG_CONFIG"
     ):
@@ -92,44 +86,3 @@ def configure_vllm_logging(verbosity: int) -> Path:
     os.environ["DYNAMO_RUN_VLLM_LOG_CONFIG"] = "1"  # ours: replace it on the next start
     os.environ["VLLM_CONFIGURE_LOGGING"] = "1"
     return log_file
-
-
-@contextlib.contextmanager
-def stderr_to(log_file: Path, enabled: bool = True) -> Iterator[None]:
-    """Send file descriptor 2 to ``log_file`` while vLLM starts. Its engine-core process is
-    spawned meanwhile and keeps that file as its stderr, so what it prints outside logging
-    (import-time warnings, progress bars, C++ warnings, a traceback when it dies) lands in
-    the log rather than in the chat shell."""
-    if not enabled:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    target = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.dup2(target, 2)
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(target)
-
-
-def root_cause(log_file: Path) -> str | None:
-    """The last exception line in the log that is not a "see above" wrapper, if any."""
-    try:
-        lines = log_file.read_text(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        match = _EXC_LINE.match(line.strip())
-        if match and not match.group(2).startswith(_WRAPPERS):
-            return f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2)}"
-    return None
-
-
-def one_line(exc: BaseException, limit: int = 400) -> str:
-    """An exception's message squeezed onto one line (pydantic errors span several)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -19,6 +19,13 @@ def short(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def one_line(exc: BaseException, limit: int = 400) -> str:
+    """An exception's whole message squeezed onto one line (pydantic errors span several
+    lines and each one matters)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_error(
     name: str,
     model: str,
