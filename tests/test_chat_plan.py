@@ -63,6 +63,9 @@ def test_required_is_any_tool_and_parallel_an_array(card) -> None:
 
 
 def test_auto_uses_the_flag_then_the_template(card) -> None:
+    # The built-in model's template carries a Hermes tool branch: detected with no flag.
+    assert plan_chat(chat(tools=TOOLS), card, True, True).plan.tool_parser == "hermes"
+    CardOverrides(chat_template="{{ messages[-1].content }}").apply(card)
     with pytest.raises(RequestError, match="--tool-call-parser"):
         plan_chat(chat(tools=TOOLS), card, True, True)
     CardOverrides(chat_template=HERMES).apply(card)

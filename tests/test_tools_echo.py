@@ -172,3 +172,17 @@ def test_streamed_chunks_match_the_chunk_model(client: openai.OpenAI) -> None:
         assert head.function.arguments == "" and rest and rest[0].id is None
         finishes = [ch.finish_reason for c in chunks for ch in c.choices if ch.index == index]
         assert finishes[-1] == "tool_calls" and finishes.count("tool_calls") == 1
+
+
+def test_auto_tools_without_a_parser_are_refused() -> None:
+    """A template with no tool format and no --tool-call-parser: a 400 that says what to
+    pass, not an answer that silently ignores the tools."""
+    args = ["--chat-template", str(LAST_MESSAGE)]
+    for server in start_server(engine_args={"delay_ms": 0}, args=args):
+        plain = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError) as info:
+            plain.chat.completions.create(model=MODEL_NAME, messages=_say("hi"), tools=TOOLS)
+        assert "--tool-call-parser" in str(info.value)
+        # Without tools the same server answers as usual.
+        answer = plain.chat.completions.create(model=MODEL_NAME, messages=_say("hi"))
+        assert answer.choices[0].message.content == "hi"

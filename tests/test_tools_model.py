@@ -194,10 +194,20 @@ def test_schema_the_converter_rejects_is_a_400(own_template) -> None:
     assert "cannot be enforced" in str(info.value)
 
 
-def test_auto_tools_without_a_parser_are_refused(own_template) -> None:
-    with pytest.raises(openai.BadRequestError) as info:
-        own_template.chat.completions.create(model=MODEL_NAME, messages=ASK, tools=TOOLS)
-    assert "--tool-call-parser" in str(info.value)
+def test_default_model_takes_tools_without_flags(own_template) -> None:
+    """The built-in model's card adds a Hermes tool branch to its template (detected as
+    hermes), so `tools` work with no flags; a call it makes names a tool and fits its schema."""
+    for messages in (ASK, _few_shot("What's the weather in Paris?")):
+        res = own_template.chat.completions.create(
+            model=MODEL_NAME, messages=messages, tools=TOOLS, temperature=0, max_tokens=60
+        )
+        choice = res.choices[0]
+        for call in choice.message.tool_calls or []:
+            _check_call(call.function.name, call.function.arguments)
+        assert choice.finish_reason == ("tool_calls" if choice.message.tool_calls else "stop")
+    # With two earlier calls as examples, the 135M model calls the tool itself.
+    assert choice.finish_reason == "tool_calls", choice
+    assert json.loads(choice.message.tool_calls[0].function.arguments)["city"] == "Paris"
 
 
 def _few_shot(question: str) -> list[dict]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from dynamo_run.model.default_model_template import with_tool_branch
 from dynamo_run.model.generation_defaults import (
     DEFAULT_MODEL_RECOMMENDED,
     DEFAULT_MODEL_SOURCE,
@@ -100,6 +101,12 @@ def _token_text(tokenizer: Tokenizer, token_id: int | None) -> str:
     return tokenizer.id_to_token(token_id) or ""
 
 
+def _gguf_template(meta: dict[str, Any], is_default: bool) -> str | None:
+    """The GGUF's chat template; the built-in default model's gains tool calling."""
+    own = meta.get("tokenizer.chat_template")
+    return with_tool_branch(own) if is_default and own else own
+
+
 def _card_from_gguf(resolved: ResolvedModel, name: str | None, ctx: int | None) -> ModelCard:
     try:
         meta = read_gguf_metadata(resolved.path)
@@ -124,7 +131,7 @@ def _card_from_gguf(resolved: ResolvedModel, name: str | None, ctx: int | None) 
         context_length=min(ctx, trained_ctx) if ctx else trained_ctx,
         tokenizer=tokenizer,
         chat_template=ChatTemplate(
-            meta.get("tokenizer.chat_template"),
+            _gguf_template(meta, resolved.is_default),
             _token_text(tokenizer, bos),
             _token_text(tokenizer, eos_ids[0] if eos_ids else None),
         ),
