@@ -123,6 +123,18 @@ def test_max_tokens_seed_and_length(engine, card) -> None:
     assert tokens(c) != tokens(a)
 
 
+def test_ignore_eos_runs_past_the_end_of_turn(engine, card) -> None:
+    """The greedy answer ends with the end-of-turn token; with ignore_eos the same request
+    (end-of-turn ids among its stop tokens, as the frontend sends them) runs to max_tokens."""
+    ids = chat_ids(card, "What is the capital of France?")
+    stop = {"max_tokens": 60, "stop_token_ids": card.stop_token_ids}
+    ended = run(engine, request(ids, sampling={"temperature": 0}, stop=stop))
+    assert ended[-1].finish_reason == FINISH_STOP and len(tokens(ended)) < 60
+    stop["ignore_eos"] = True
+    outs = run(engine, request(ids, sampling={"temperature": 0}, stop=stop))
+    assert len(tokens(outs)) == 60 and outs[-1].finish_reason == FINISH_LENGTH
+
+
 def test_stop_token_ids_and_min_tokens(engine, card) -> None:
     ids = chat_ids(card, "Count from one to twenty.")
     greedy = tokens(run(engine, request(ids, sampling={"temperature": 0}, stop={"max_tokens": 10})))

@@ -46,7 +46,9 @@ def sampling_params(request: PreprocessedRequest) -> SamplingParams:
         "max_tokens": stop.max_tokens,
         "min_tokens": stop.min_tokens,
         "ignore_eos": stop.ignore_eos,
-        "stop_token_ids": list(stop.stop_token_ids) or None,
+        # ignore_eos drops every stop token (the card's end-of-turn ids come as stop
+        # tokens, and vLLM's own ignore_eos covers only its EOS), as the other engines do.
+        "stop_token_ids": None if stop.ignore_eos else (list(stop.stop_token_ids) or None),
         "logprobs": request.logprobs,
         "detokenize": False,
         "output_kind": RequestOutputKind.DELTA,
