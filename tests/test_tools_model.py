@@ -204,7 +204,10 @@ def test_default_model_takes_tools_without_flags(own_template) -> None:
         choice = res.choices[0]
         for call in choice.message.tool_calls or []:
             _check_call(call.function.name, call.function.arguments)
-        assert choice.finish_reason == ("tool_calls" if choice.message.tool_calls else "stop")
+        if choice.message.tool_calls:
+            assert choice.finish_reason == "tool_calls"
+        else:  # plain text, possibly run to max_tokens (a malformed call stays text too)
+            assert choice.finish_reason in ("stop", "length") and choice.message.content
     # With two earlier calls as examples, the 135M model calls the tool itself.
     assert choice.finish_reason == "tool_calls", choice
     assert json.loads(choice.message.tool_calls[0].function.arguments)["city"] == "Paris"
