@@ -186,3 +186,18 @@ def test_auto_tools_without_a_parser_are_refused() -> None:
         # Without tools the same server answers as usual.
         answer = plain.chat.completions.create(model=MODEL_NAME, messages=_say("hi"))
         assert answer.choices[0].message.content == "hi"
+
+
+def test_default_model_template_renders_tools_without_flags() -> None:
+    """No --chat-template, no parser flag: the built-in model's template lists the tools in
+    its system turn (echo answers with the rendered prompt), and renders as before without."""
+    for server in start_server(engine_args={"delay_ms": 0}):
+        plain = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=60)
+        with_tools = plain.chat.completions.create(
+            model=MODEL_NAME, messages=_say("hi"), tools=TOOLS
+        )
+        text = with_tools.choices[0].message.content or ""
+        assert "<tools>" in text and '"name": "add"' in text and "<tool_call>" in text
+        without = plain.chat.completions.create(model=MODEL_NAME, messages=_say("hi"))
+        assert "<tools>" not in (without.choices[0].message.content or "")
+        assert "You are a helpful AI assistant named SmolLM" in without.choices[0].message.content
