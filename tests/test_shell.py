@@ -197,3 +197,31 @@ def test_real_model_in_the_shell(tmp_path):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_a_looping_answer_is_stopped_long_before_the_context_is_full(tmp_path):
+    # The echo engine repeats the prompt, so a question that is one phrase over and over
+    # makes an answer that loops exactly as a small model's sometimes does.
+    loop = "la Femme, " * 300
+    child = spawn_shell(tmp_path)
+    try:
+        shown = ask(child, loop)
+        assert "answer stopped: it was repeating itself" in shown
+        # The answer (after the echoed template's user turn, past the typed line) stopped
+        # after a few dozen tokens of repetition, not 300 repeats.
+        answer = shown.split("user\r\n", 1)[1]
+        assert answer.count("la Femme") < 40, answer
+        # The shell still answers afterwards, and the stopped answer stayed in the history.
+        assert "hello again" in ask(child, "hello again")
+    finally:
+        child.close()
+
+
+def test_single_shot_stops_a_looping_answer(tmp_path):
+    engine_args = tmp_path / "echo.json"
+    engine_args.write_text(json.dumps({"delay_ms": 0}))
+    loop = "la Femme, " * 300
+    result = run_cli("in=text", "out=echo", "--extra-engine-args", str(engine_args), input=loop)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("la Femme") < 40
+    assert "answer stopped: it was repeating itself" in result.stderr

@@ -8,17 +8,20 @@ printed to stdout and the process exits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from rich.console import Console
 
 from dynamo_run.inputs.text.conversation import SETTINGS, Conversation, SettingError
-from dynamo_run.pipeline.client import EngineFailure, ModelClient
-from dynamo_run.pipeline.preprocess import RequestError
+from dynamo_run.pipeline.client import Delta, EngineFailure, ModelClient
+from dynamo_run.pipeline.loop_guard import LoopGuard
+from dynamo_run.pipeline.preprocess import PreparedRequest, RequestError
 from dynamo_run.spec import RunSpec
 
 COMMANDS: dict[str, str] = {
@@ -35,6 +38,19 @@ COMMANDS: dict[str, str] = {
     "/bye": "exit (also Ctrl-D, or Ctrl-C on an empty prompt)",
 }
 MULTILINE_FENCE = '"""'
+LOOP_NOTE = "(answer stopped: it was repeating itself; /set repetition_penalty 1.2 may help)"
+
+
+async def guarded_stream(
+    client: ModelClient, prepared: PreparedRequest, guard: LoopGuard
+) -> AsyncIterator[Delta]:
+    """``client.stream`` that ends (cancelling the generation) once the answer loops, so a
+    looping answer never runs on until the context is full."""
+    async with contextlib.aclosing(client.stream(prepared)) as deltas:
+        async for delta in deltas:
+            yield delta
+            if guard.feed(delta.token_ids):
+                return
 
 
 def history_path() -> Path:
@@ -72,7 +88,8 @@ async def run_single_shot(loading: asyncio.Task[ModelClient], spec: RunSpec) -> 
     try:
         prepared = client.prepare_chat(conv.request(client.preprocessor.apply_template({})))
         ended_with_newline = True
-        async for delta in client.stream(prepared):
+        guard = LoopGuard()
+        async for delta in guarded_stream(client, prepared, guard):
             if delta.text:
                 sys.stdout.write(delta.text)
                 sys.stdout.flush()
@@ -80,6 +97,8 @@ async def run_single_shot(loading: asyncio.Task[ModelClient], spec: RunSpec) -> 
         if not ended_with_newline:
             sys.stdout.write("\n")
         sys.stdout.flush()
+        if guard.looping:
+            print(f"dynamo-run: {LOOP_NOTE}", file=sys.stderr)
     except (RequestError, EngineFailure) as exc:
         print(f"dynamo-run: error: {exc}", file=sys.stderr)
         return 1
@@ -293,10 +312,11 @@ class ChatShell:
         start = time.perf_counter()
 
         thinking = False  # reasoning is being shown; a line break ends it before the answer
+        guard = LoopGuard()
 
         async def stream() -> None:
             nonlocal thinking
-            async for delta in self.client.stream(prepared):  # type: ignore[union-attr]
+            async for delta in guarded_stream(self.client, prepared, guard):  # type: ignore[arg-type]
                 if stats["ttft"] is None and delta.token_ids:
                     stats["ttft"] = time.perf_counter() - start
                 stats["tokens"] = delta.completion_tokens
@@ -330,6 +350,8 @@ class ChatShell:
         self.console.out("" if answer.endswith("\n") else "\n", end="")
         if interrupted:
             self.console.print("[dim]^C (answer stopped)[/]")
+        elif guard.looping:
+            self.console.print(f"[dim]{LOOP_NOTE}[/]")
         if answer:
             conv.messages.append({"role": "assistant", "content": answer})
         else:
