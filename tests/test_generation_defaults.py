@@ -102,7 +102,7 @@ def test_gguf_sampling_keys():
     }
 
 
-def test_default_model_gets_its_model_card_recommendation_then_llama_cpp(default_card):
+def test_default_model_gets_its_preset_then_llama_cpp(default_card):
     pre = Preprocessor(default_card)
     sampling = pre.chat(chat()).engine_request.sampling
     assert (sampling.temperature, sampling.top_p) == (0.2, 0.9)  # SmolLM2's model card
@@ -110,13 +110,15 @@ def test_default_model_gets_its_model_card_recommendation_then_llama_cpp(default
         LLAMA_CPP_DEFAULTS["top_k"],
         LLAMA_CPP_DEFAULTS["min_p"],
     )
-    assert sampling.repetition_penalty is None
+    # Against phrase loops at that low temperature (issue 18), as Ollama's default.
+    assert sampling.repetition_penalty == 1.1
     sources = {name: item["source"] for name, item in pre.defaults.describe().items()}
     assert sources == {
         "temperature": DEFAULT_MODEL_SOURCE,
         "top_p": DEFAULT_MODEL_SOURCE,
         "top_k": SOURCE_LLAMA_CPP,
         "min_p": SOURCE_LLAMA_CPP,
+        "repetition_penalty": DEFAULT_MODEL_SOURCE,
     }
 
 

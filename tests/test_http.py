@@ -12,6 +12,7 @@ import openai
 import pytest
 from http_helpers import MODEL_NAME, Server, echo_server_fixture, metric  # noqa: F401
 
+from dynamo_run.model.generation_defaults import DEFAULT_MODEL_SOURCE
 from dynamo_run.protocol.openai import ChatCompletionChunk, CompletionResponse
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
@@ -222,7 +223,8 @@ def test_models(client: openai.OpenAI) -> None:
     assert model.id == MODEL_NAME
     # Extra field: the sampling defaults an unset field gets, and where each came from.
     defaults = model.model_extra["generation_defaults"]
-    assert defaults["temperature"] == {"value": 0.2, "source": "SmolLM2-135M-Instruct model card"}
+    assert defaults["temperature"] == {"value": 0.2, "source": DEFAULT_MODEL_SOURCE}
+    assert defaults["repetition_penalty"] == {"value": 1.1, "source": DEFAULT_MODEL_SOURCE}
     assert defaults["top_k"]["value"] == 40
     assert model.model_extra["max_model_len"] > 0
     with pytest.raises(openai.NotFoundError):

@@ -39,11 +39,18 @@ LLAMA_CPP_DEFAULTS: dict[str, float | int] = {
     "min_p": 0.05,
 }
 
-# The built-in default model ships without sampling keys in its GGUF; its publisher's model
-# card recommends these (as Ollama's library does per model), and they answer simple
-# questions right more often than llama.cpp's generic defaults (docs/benchmarks.md).
-DEFAULT_MODEL_RECOMMENDED: dict[str, float | int] = {"temperature": 0.2, "top_p": 0.9}
-DEFAULT_MODEL_SOURCE = "SmolLM2-135M-Instruct model card"
+# The built-in default model ships without sampling keys in its GGUF, so it gets a preset,
+# as Ollama's library gives each model its own parameters: its publisher's model card's
+# temperature 0.2 and top_p 0.9 (simple questions answered right more often than with
+# llama.cpp's generic defaults), and Ollama's default repeat penalty 1.1, without which that
+# low temperature lets a 135M model fall into phrase loops (``la Femme, la Femme, ...``) in
+# about one answer in six. Measured in scripts/bench_quality.py (docs/benchmarks.md).
+DEFAULT_MODEL_RECOMMENDED: dict[str, float | int] = {
+    "temperature": 0.2,
+    "top_p": 0.9,
+    "repetition_penalty": 1.1,
+}
+DEFAULT_MODEL_SOURCE = "SmolLM2-135M-Instruct preset (model card + repeat penalty)"
 
 SOURCE_REQUEST_TEMPLATE = "--request-template"
 SOURCE_LLAMA_CPP = "llama.cpp default"
