@@ -217,3 +217,21 @@ def test_cli_negated_flag_overrides_the_file(tmp_path):
     result = run_cli(*args, "--no-overwrite", timeout=60)
     assert result.returncode == 0, result.stderr
     assert "resuming: 1 of 1 lines already in" in result.stderr
+
+
+def test_readme_flag_table_lists_every_setting_in_its_panel():
+    """README's table is kept by hand: every declared flag and variable, under its panel."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("### Flags, environment and config file", 1)[1].split("\n### ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    panel = None
+    for d in declared():
+        matches = [i for i, row in enumerate(rows) if f"`{d.flag}" in row or f"{d.flag}`" in row]
+        assert matches, f"README's flag table lacks {d.flag}"
+        row = rows[matches[0]]
+        heading = next(r for r in reversed(rows[: matches[0]]) if r.startswith("| **"))
+        assert heading.startswith(f"| **{d.meta.panel.value}**"), (d.flag, heading)
+        if d.meta.env:
+            assert f"`{d.meta.env}`" in row, (d.flag, d.meta.env)
+        panel = d.meta.panel
+    assert panel is Panel.LOGGING
