@@ -1,8 +1,8 @@
 """The typer app: argv -> RunSpec -> runner. Nothing else lives here.
 
-Its options are generated from the settings declared in ``settings.py`` (one typer option
-per field, in that field's help panel); the environment and ``--config`` layers are applied
-there too (``settings.resolve``).
+Its options are generated from the settings declared in ``settings.py`` (``settings_cli``:
+one typer option per field, in that field's help panel), then layered over the environment
+and the ``--config`` file (``settings.resolve``).
 
 Usage errors are printed as one line on stderr with exit code 2; start-up failures (model,
 engine) as one line with exit code 1. Heavy modules are imported only after parsing, so
@@ -11,18 +11,15 @@ engine) as one line with exit code 1. Heavy modules are imported only after pars
 
 from __future__ import annotations
 
-import inspect
 import logging
-import os
 import sys
-from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from dynamo_run import __version__
-from dynamo_run.settings import Declared, SpecError, declared, python_log_level, resolve
+from dynamo_run.settings import SpecError, python_log_level
+from dynamo_run.settings_cli import ConfigOption, resolve_settings, with_settings
 
 try:  # typer >= 0.20 vendors its own copy of click
     from typer._click import exceptions as click_errors
@@ -85,78 +82,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-def _option(d: Declared, names: tuple[str, ...], help_text: str) -> tuple[Any, Any]:
-    """The typer option of one declared setting: (annotation, default shown in help)."""
-    m = d.meta
-    choices = d.choice_names()
-    if choices:
-        help_text += f" One of: {', '.join(choices)}."
-    if m.env:
-        help_text += f" \\[env var: {m.env}]"
-    if d.base is bool:  # a flag; --no-NAME is a hidden twin (a second column cuts names)
-        show: Any = m.default_help or ("on" if d.default else "off")
-        return Annotated[
-            bool,
-            typer.Option(*names, help=help_text, rich_help_panel=str(m.panel), show_default=show),
-        ], False
-    default = d.default if d.default is None or d.base in (int, float) else str(d.default)
-    base = int if m.count else str if choices else d.base
-    option = typer.Option(
-        *names,
-        help=help_text,
-        rich_help_panel=str(m.panel),
-        metavar=m.metavar or ("MODE" if choices else None),
-        count=m.count,
-        show_default=m.default_help or (not m.count and default is not None),
-    )
-    return Annotated[base if default is not None else base | None, option], default
-
-
-def _negation(d: Declared) -> str:
-    return f"no_{d.name}"
-
-
-def _build_run(func: Callable[..., None]) -> Callable[..., None]:
-    """Give ``func(ctx, specs, config, version, **settings)`` one typer option per declared
-    setting (and a hidden ``--no-NAME`` per flag), so the command line is generated from
-    settings.py."""
-    signature = inspect.signature(func, eval_str=True)
-    params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
-
-    def add(name: str, annotation: Any, default: Any) -> None:
-        kind = inspect.Parameter.KEYWORD_ONLY
-        params.append(inspect.Parameter(name, kind, default=default, annotation=annotation))
-
-    for d in declared():
-        names = d.meta.flags or (d.flag,)
-        help_text = d.meta.help
-        if d.base is bool:
-            help_text += f" --no-{d.key} turns it off."
-        add(d.name, *_option(d, names, help_text))
-        if d.base is bool:
-            add(_negation(d), Annotated[bool, typer.Option(f"--no-{d.key}", hidden=True)], False)
-    func.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    func.__annotations__ = {p.name: p.annotation for p in params}
-    return func
-
-
-def _given(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
-    """The settings typed on the command line (not defaulted), by field name."""
-
-    def typed(name: str) -> bool:
-        return getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
-
-    given = {}
-    for d in declared():
-        if d.base is bool and typed(_negation(d)):
-            if typed(d.name):
-                raise SpecError(f"{d.flag} and --no-{d.key} both given; choose one")
-            given[d.name] = False
-        elif typed(d.name):
-            given[d.name] = values[d.name]
-    return given
-
-
 def _setup_logging(verbosity: int) -> None:
     logging.basicConfig(
         level=python_log_level(verbosity),
@@ -165,21 +90,14 @@ def _setup_logging(verbosity: int) -> None:
 
 
 @app.command(epilog=_epilog(), no_args_is_help=False)
-@_build_run
+@with_settings()
 def run(
     ctx: typer.Context,
     specs: Annotated[
         list[str] | None,
         typer.Argument(help="in=INPUT, out=OUTPUT and MODEL, in any order.", show_default=False),
     ] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            metavar="FILE",
-            help="TOML (.toml) or YAML file of settings, keyed by flag name "
-            "(http-port = 8080). Flags and environment variables override it.",
-        ),
-    ] = None,
+    config: ConfigOption = None,
     version: Annotated[
         bool | None,
         typer.Option("--version", callback=_version, is_eager=True, help="Show version."),
@@ -190,8 +108,7 @@ def run(
     from dynamo_run.spec import parse_run_spec
 
     try:
-        given = _given(ctx, settings)
-        spec = parse_run_spec(list(specs or []), resolve(given, os.environ, config))
+        spec = parse_run_spec(list(specs or []), resolve_settings(ctx, settings, config))
     except SpecError as exc:
         _fail(str(exc), 2)
     _setup_logging(spec.flags.verbosity)

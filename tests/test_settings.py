@@ -235,3 +235,16 @@ def test_readme_flag_table_lists_every_setting_in_its_panel():
             assert f"`{d.meta.env}`" in row, (d.flag, d.meta.env)
         panel = d.meta.panel
     assert panel is Panel.LOGGING
+
+
+def test_ps_takes_the_nats_settings_from_the_same_declaration(tmp_path):
+    """`dynamo-run ps` shares --nats-url / NATS_SERVER and --config with the run command, and
+    its errors exit non-zero (a bad file 2, an unreachable server 1)."""
+    result = run_cli("ps", "--config", str(tmp_path / "missing.toml"), timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("missing.toml: no such file")
+    config = write(tmp_path, "run.yaml", "nats-url: nats://127.0.0.1:1\n")
+    for args, env in ((["--config", str(config)], {}), ([], {"NATS_SERVER": "nats://127.0.0.1:1"})):
+        result = run_cli("ps", *args, env=env, timeout=60)
+        assert result.returncode == 1, result.stderr
+        assert "cannot connect to NATS at nats://127.0.0.1:1" in result.stderr
