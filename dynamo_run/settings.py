@@ -2,18 +2,19 @@
 
 Each field of :class:`Settings` carries its type, default and a :class:`Setting` (flag
 names, environment variable, help, help panel, constraints). From that one declaration
-come the command-line options (``cli.py`` generates them), the environment and ``--config``
-file layers, validation, and the object the runner passes on. Precedence: flag >
-environment > config file > default.
+come the command-line options (``settings_cli.py`` generates them for ``cli.py`` and
+``ps.py``), the environment and ``--config`` file layers (:func:`resolve`), validation
+(:func:`validate`), and the object the runner passes on (``RunSpec.flags``). Precedence:
+flag > environment > config file > default.
 
-Adding a setting is one field here; the CLI, ``--config`` key, help panel and checks follow.
+Adding a setting is one field of :class:`Settings`; its flag, ``--config`` key, environment
+variable, help panel and checks follow. A new choice is a :class:`StrEnum` here.
 
-This module is a leaf (standard library only) so ``--help`` stays instant.
+This module is a leaf (standard library only at import) so ``--help`` stays instant.
 """
 
 from __future__ import annotations
 
-import difflib
 import enum
 import functools
 import importlib
@@ -31,6 +32,8 @@ class SpecError(ValueError):
 
 
 def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    import difflib  # only on an error: --help stays quick
+
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -478,12 +481,17 @@ def _check(d: Declared, value: Any) -> Any:
     if value is None:
         return value
     m = d.meta
-    if m.ge is not None and m.le is not None and not m.ge <= value <= m.le:
-        raise SpecError(f"must be between {m.ge:g} and {m.le:g}")
-    if m.gt == 0 and not value > 0:
-        raise SpecError("must be positive")
-    if m.ge == 0 and not value >= 0:
-        raise SpecError("must be 0 or more" if d.base is int else "must be >= 0")
+    if m.ge is not None and m.le is not None:
+        if not m.ge <= value <= m.le:
+            raise SpecError(f"must be between {m.ge:g} and {m.le:g}")
+    elif m.ge is not None and not value >= m.ge:
+        raise SpecError(
+            "must be 0 or more" if (m.ge, d.base) == (0, int) else f"must be >= {m.ge:g}"
+        )
+    elif m.le is not None and not value <= m.le:
+        raise SpecError(f"must be <= {m.le:g}")
+    if m.gt is not None and not value > m.gt:
+        raise SpecError("must be positive" if m.gt == 0 else f"must be > {m.gt:g}")
     names = d.choice_names()
     if names is not None:
         if str(value) not in names:
@@ -523,17 +531,12 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise SpecError(f"{where}: cannot read: {exc.strerror or exc}") from None
     try:
-        if path.suffix.lower() == ".toml":
-            loaded = _load_toml(data.decode("utf-8"))
-        else:
-            import yaml
-
-            loaded = yaml.safe_load(data.decode("utf-8"))
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise SpecError(f"{where}: not UTF-8 text") from None
-    except Exception as exc:  # tomllib.TOMLDecodeError / yaml.YAMLError
-        message = " ".join(str(exc).split())
-        raise SpecError(f"{where}: invalid {_format(path)}: {message}") from None
+    loaded = (
+        _parse_toml(text, where) if path.suffix.lower() == ".toml" else _parse_yaml(text, where)
+    )
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -551,16 +554,27 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return values
 
 
-def _format(path: Path) -> str:
-    return "TOML" if path.suffix.lower() == ".toml" else "YAML"
-
-
-def _load_toml(text: str) -> Any:
+def _parse_toml(text: str, where: str) -> Any:
     try:
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    return tomllib.loads(text)
+    except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise SpecError(f"{where}: reading TOML needs tomli here: pip install tomli") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{where}: invalid TOML: {' '.join(str(exc).split())}") from None
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{where}: invalid YAML: {' '.join(str(exc).split())}") from None
 
 
 def resolve(
