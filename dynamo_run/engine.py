@@ -39,6 +39,7 @@ class EngineConfig:
     kv_cache_block_size: int | None = None  # --kv-cache-block-size
     extra: dict[str, Any] = field(default_factory=dict)  # --extra-engine-args JSON
     tensor_parallel_size: int | None = None  # --tensor-parallel-size (None: the engine's)
+    verbosity: int = 0  # -v / -vv / DYN_LOG: -1 errors only, 0 warnings, 1 info, 2+ debug
 
 
 @runtime_checkable

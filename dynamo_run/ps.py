@@ -6,12 +6,14 @@ import asyncio
 import json
 import sys
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 import typer
 
 from dynamo_run.distributed.wire import InstanceRecord
+from dynamo_run.settings import SpecError
+from dynamo_run.settings_cli import ConfigOption, resolve_settings, with_settings
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -109,17 +111,24 @@ def render_table(records: list[InstanceRecord], blocks: dict[str, int]) -> None:
 
 
 @app.command()
+@with_settings(["nats_url", "nats_token"])
 def ps(
-    nats_url: Annotated[
-        str | None, typer.Option(envvar="NATS_SERVER", help="NATS server (default: this host's).")
-    ] = None,
-    nats_token: Annotated[str | None, typer.Option(envvar="NATS_TOKEN", help="NATS token.")] = None,
+    ctx: typer.Context,
     namespace: Annotated[str | None, typer.Option(help="Only this namespace.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON array, for scripts.")] = False,
+    config: ConfigOption = None,
+    **settings: Any,
 ) -> None:
     """List the live worker instances: model, endpoint, host, engine, load, uptime."""
     from dynamo_run.distributed.nats_connect import NatsError, connect_nats
     from dynamo_run.distributed.nats_embedded import read_state, state_dir
+
+    try:
+        resolved = resolve_settings(ctx, settings, config)
+    except SpecError as exc:
+        print(f"dynamo-run: error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    nats_url, nats_token = resolved.nats_url, resolved.nats_token
 
     async def main() -> tuple[list[InstanceRecord], dict[str, int]] | None:
         if not nats_url and read_state(state_dir()) is None:
@@ -157,8 +166,8 @@ def ps(
 
 
 def main(argv: list[str]) -> int:
-    try:
-        app(args=argv, prog_name="dynamo-run ps", standalone_mode=False)
+    try:  # not standalone, click returns an Exit's code rather than raising it
+        result = app(args=argv, prog_name="dynamo-run ps", standalone_mode=False)
     except typer.Exit as exc:
         return exc.exit_code
     except Exception as exc:
@@ -168,4 +177,4 @@ def main(argv: list[str]) -> int:
             print(f"dynamo-run ps: error: {exc.format_message()}", file=sys.stderr)
             return 2
         raise
-    return 0
+    return result if isinstance(result, int) else 0

@@ -79,6 +79,7 @@ def start_engine(name: str, card: ModelCard, spec: RunSpec) -> Engine:
             kv_cache_block_size=spec.flags.kv_cache_block_size,
             extra=dict(spec.extra_engine_args),
             tensor_parallel_size=spec.flags.tensor_parallel_size,
+            verbosity=spec.flags.verbosity,
         )
         return factory(card, config)
     except EngineError as exc:

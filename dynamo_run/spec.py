@@ -3,29 +3,21 @@ what was typed is raised here as a SpecError with one line naming the bad part."
 
 from __future__ import annotations
 
-import difflib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dynamo_run.settings import Settings, SpecError, did_you_mean, validate
+
+# The flags of a run are its Settings (declared once, in settings.py); the old name stays.
+Flags = Settings
 
 INPUTS = ("text", "http", "grpc", "http,grpc", "batch", "dyn")
 # Inputs that serve every model of out=dyn (a directory) rather than wait for one.
 SERVER_INPUTS = ("http", "grpc", "http,grpc")
 ENGINE_OUTPUTS = ("echo", "mocker", "llamacpp", "vllm", "sglang", "trtllm", "auto")
 OUTPUTS = (*ENGINE_OUTPUTS, "dyn")
-ROUTER_MODES = ("random", "round-robin", "kv")
-GENERATION_CONFIG_MODES = ("auto", "none")
-
-
-class SpecError(ValueError):
-    """A bad spec or flag: exit code 2 with this one-line message."""
-
-
-def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 @dataclass(frozen=True)
@@ -71,49 +63,11 @@ class OutputSpec:
 
 
 @dataclass
-class Flags:
-    """Command-line flags, with Dynamo's names."""
-
-    model_path: str | None = None
-    model_name: str | None = None
-    context_length: int | None = None
-    kv_cache_block_size: int | None = None
-    tensor_parallel_size: int | None = None  # GPUs one engine spreads the model over
-    http_host: str = "127.0.0.1"
-    http_port: int = 8000
-    grpc_host: str = "127.0.0.1"
-    grpc_port: int = 8001  # Triton's gRPC port, so Triton clients' default address works
-    tls_cert_path: Path | None = None
-    tls_key_path: Path | None = None
-    migration_limit: int = 0
-    router_mode: str = "round-robin"
-    kv_overlap_score_weight: float = 1.0  # --router-mode kv: weight of the prefill saved
-    router_temperature: float = 0.0  # --router-mode kv: 0 = cheapest; > 0 softmax sampling
-    kv_events: bool = True  # --router-mode kv: False = predict caches from past decisions
-    router_replica_sync: bool = False  # --router-mode kv: share in-flight load between frontends
-    extra_engine_args: Path | None = None
-    request_template: Path | None = None
-    generation_config: str = "auto"  # auto: model's and llama.cpp's defaults; none: OpenAI's
-    nats_url: str | None = None
-    nats_token: str | None = None
-    nats_listen: str | None = None  # HOST:PORT: the embedded server reachable from other hosts
-    api_key: str | None = None
-    verbosity: int = 0
-    prompt: str | None = None  # in=text single shot
-    output: Path | None = None  # in=batch output file
-    batch_concurrency: int | None = None
-    overwrite: bool = False
-    tool_call_parser: str | None = None  # hermes | llama3_json | mistral | pythonic | json
-    reasoning_parser: str | None = None  # deepseek_r1 | qwen3
-    chat_template: Path | None = None  # a jinja file replacing the model's chat template
-
-
-@dataclass
 class RunSpec:
     input: InputSpec
     output: OutputSpec
     model: str | None
-    flags: Flags
+    flags: Settings
     extra_engine_args: dict[str, Any] = field(default_factory=dict)
     request_template: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None  # the --chat-template file's text, compiled once here
@@ -189,67 +143,15 @@ def _load_chat_template(path: Path) -> str:
     return source
 
 
-def _validate_parsers(flags: Flags) -> None:
-    from dynamo_run.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
-
-    for flag, value, known in (
-        ("--tool-call-parser", flags.tool_call_parser, TOOL_CALL_PARSERS),
-        ("--reasoning-parser", flags.reasoning_parser, REASONING_PARSERS),
-    ):
-        if value is not None and value not in known:
-            raise SpecError(
-                f"{flag} {value}: unknown parser{did_you_mean(value, known)}; "
-                f"choose one of {', '.join(known)}"
-            )
-
-
-def _validate_flags(flags: Flags) -> None:
-    if not 0 < flags.http_port < 65536:
-        raise SpecError(f"--http-port {flags.http_port}: must be between 1 and 65535")
-    if not 0 < flags.grpc_port < 65536:
-        raise SpecError(f"--grpc-port {flags.grpc_port}: must be between 1 and 65535")
-    if flags.context_length is not None and flags.context_length <= 0:
-        raise SpecError(f"--context-length {flags.context_length}: must be positive")
-    if flags.kv_cache_block_size is not None and flags.kv_cache_block_size <= 0:
-        raise SpecError(f"--kv-cache-block-size {flags.kv_cache_block_size}: must be positive")
-    if flags.tensor_parallel_size is not None and flags.tensor_parallel_size <= 0:
-        raise SpecError(f"--tensor-parallel-size {flags.tensor_parallel_size}: must be positive")
-    if flags.migration_limit < 0:
-        raise SpecError(f"--migration-limit {flags.migration_limit}: must be 0 or more")
-    if flags.batch_concurrency is not None and flags.batch_concurrency <= 0:
-        raise SpecError(f"--batch-concurrency {flags.batch_concurrency}: must be positive")
-    if flags.router_mode not in ROUTER_MODES:
-        raise SpecError(
-            f"--router-mode {flags.router_mode}: unknown mode"
-            f"{did_you_mean(flags.router_mode, ROUTER_MODES)}; choose {', '.join(ROUTER_MODES)}"
-        )
-    if flags.kv_overlap_score_weight < 0:
-        raise SpecError(f"--kv-overlap-score-weight {flags.kv_overlap_score_weight}: must be >= 0")
-    if flags.router_temperature < 0:
-        raise SpecError(f"--router-temperature {flags.router_temperature}: must be >= 0")
-    if flags.nats_listen is not None:
-        host, sep, port = flags.nats_listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise SpecError(f"--nats-listen {flags.nats_listen}: expected HOST:PORT")
-        if flags.nats_url:
-            raise SpecError("--nats-listen starts the embedded server; --nats-url uses another")
-    if flags.generation_config not in GENERATION_CONFIG_MODES:
-        raise SpecError(
-            f"--generation-config {flags.generation_config}: unknown mode"
-            f"{did_you_mean(flags.generation_config, GENERATION_CONFIG_MODES)}; choose auto or none"
-        )
+def _validate_combinations(flags: Settings) -> None:
+    """What no single setting's declaration can say: settings that go (or not) together."""
+    if flags.nats_listen is not None and flags.nats_url:
+        raise SpecError("--nats-listen starts the embedded server; --nats-url uses another")
     if bool(flags.tls_cert_path) != bool(flags.tls_key_path):
         raise SpecError("--tls-cert-path and --tls-key-path must be given together")
-    for flag, path in (
-        ("--tls-cert-path", flags.tls_cert_path),
-        ("--tls-key-path", flags.tls_key_path),
-    ):
-        if path is not None and not path.is_file():
-            raise SpecError(f"{flag} {path}: no such file")
-    _validate_parsers(flags)
 
 
-def parse_run_spec(args: list[str], flags: Flags) -> RunSpec:
+def parse_run_spec(args: list[str], flags: Settings) -> RunSpec:
     """``args`` are the positional words (in=..., out=..., MODEL) in any order."""
     input_spec: InputSpec | None = None
     output_spec: OutputSpec | None = None
@@ -277,10 +179,8 @@ def parse_run_spec(args: list[str], flags: Flags) -> RunSpec:
         if model is not None and model != flags.model_path:
             raise SpecError(f"--model-path {flags.model_path}: MODEL '{model}' was also given")
         model = flags.model_path
-    if flags.verbosity == 0 and os.environ.get("DYN_LOG"):
-        level = os.environ["DYN_LOG"].split(",")[0].strip().lower()
-        flags.verbosity = {"debug": 1, "trace": 2}.get(level, 0)
-    _validate_flags(flags)
+    _validate_combinations(flags)
+    validate(flags)
     spec = RunSpec(input_spec or InputSpec("text"), output_spec or OutputSpec("auto"), model, flags)
     if flags.extra_engine_args:
         spec.extra_engine_args = _load_json_object(flags.extra_engine_args, "--extra-engine-args")

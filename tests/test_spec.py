@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
+from dynamo_run.settings import resolve
 from dynamo_run.spec import Flags, SpecError, parse_run_spec
 
 
@@ -99,9 +100,13 @@ def test_json_flag_files(tmp_path):
         parse(extra_engine_args=tmp_path / "missing.json")
 
 
-def test_dyn_log_sets_verbosity(monkeypatch):
-    monkeypatch.setenv("DYN_LOG", "debug")
-    assert parse().flags.verbosity == 1
+@pytest.mark.parametrize(
+    ("dyn_log", "verbosity"),
+    [("error", -1), ("warn", 0), ("info", 1), ("debug", 2), ("debug,dynamo_runtime=trace", 2)],
+)
+def test_dyn_log_sets_verbosity(dyn_log, verbosity):
+    """DYN_LOG=debug is -vv (debug), DYN_LOG=info is -v; read in one place (settings)."""
+    assert resolve({}, {"DYN_LOG": dyn_log}).verbosity == verbosity
 
 
 # --- the real command line -----------------------------------------------------------------

@@ -310,3 +310,17 @@ def test_model_vllm_cannot_load_is_one_line(hf_folder: Path, tmp_path: Path) -> 
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("dynamo-run: error: out=vllm: vllm could not load")
     assert "Traceback" not in result.stderr
+
+
+# --- logging ----------------------------------------------------------------------------------
+
+
+def test_dyn_log_debug_shows_vllm_debug_lines(hf_folder: Path, tmp_path: Path) -> None:
+    """The engine gets the verbosity in its config (not from a logger level): DYN_LOG=debug
+    is -vv, so vLLM's own debug lines reach stderr."""
+    template = tmp_path / "short.json"
+    template.write_text(json.dumps({"temperature": 0, "max_tokens": 4}))
+    args = ("out=vllm", str(hf_folder), *FLAGS, "--request-template", str(template))
+    result = run_cli(*args, "-p", "Say hi.", env={"DYN_LOG": "debug"}, timeout=START_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "vllm DEBUG: " in result.stderr, result.stderr[-3000:]

@@ -20,7 +20,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-GENERATION_CONFIG_MODES = ("auto", "none")
+from dynamo_run.settings import GenerationConfig
+
+GENERATION_CONFIG_MODES = tuple(mode.value for mode in GenerationConfig)  # --generation-config
 
 # Request field -> the value type it takes.
 SAMPLING_DEFAULT_FIELDS: dict[str, type] = {

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import socket
 import sys
@@ -60,7 +59,7 @@ async def start_grpc(
 ) -> tuple[grpc.aio.Server, int]:
     """A started server on --grpc-host/--grpc-port, and the port it listens on."""
     flags = spec.flags
-    api_key = flags.api_key or os.environ.get("DYN_API_KEY") or None
+    api_key = flags.api_key or None  # --api-key / DYN_API_KEY
     service = InferenceService(GrpcModels(loading, metrics, watch), metrics, api_key)
     server = grpc.aio.server(options=_OPTIONS)
     server.add_generic_rpc_handlers((service.handler(),))

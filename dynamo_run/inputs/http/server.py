@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
 import ssl
@@ -97,9 +96,8 @@ def _quiet_uvicorn(verbosity: int) -> None:
     level = logging.DEBUG if verbosity >= 2 else logging.WARNING
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).setLevel(level)
-    access = logging.getLogger("dynamo_run.http.access")
-    if access.getEffectiveLevel() > logging.INFO and logging.getLogger().level <= logging.WARNING:
-        access.setLevel(logging.INFO)  # one line per request unless the user asked for less
+    if verbosity >= 0:  # one line per request unless the user asked for less (DYN_LOG=error)
+        logging.getLogger("dynamo_run.http.access").setLevel(logging.INFO)
 
 
 def _fail(message: str) -> int:
@@ -113,7 +111,7 @@ async def run_http(
     """Serve until a signal (exit 0) or a failed model load (exit 1). ``state``: one shared
     with another input of the process (in=http,grpc), for its metrics registry."""
     flags = spec.flags
-    api_key = flags.api_key or os.environ.get("DYN_API_KEY") or None
+    api_key = flags.api_key or None  # --api-key / DYN_API_KEY
     _quiet_uvicorn(flags.verbosity)
     state = state or ServerState(loading, FrontendMetrics())
     tls = flags.tls_cert_path is not None

@@ -41,12 +41,6 @@ from dynamo_run_vllm.stats import SchedulerSnapshot, stat_logger_factory
 log = logging.getLogger("dynamo_run.vllm")
 
 
-def _verbosity() -> int:
-    """dynamo-run's -v / -vv, as its logger level says."""
-    level = logging.getLogger("dynamo_run").getEffectiveLevel()
-    return 2 if level <= logging.DEBUG else 1 if level <= logging.INFO else 0
-
-
 def _import_vllm() -> Any:
     """Import vLLM; a broken installation is one line (torchvision built for another torch
     fails here with "operator torchvision::nms does not exist")."""
@@ -133,7 +127,7 @@ class VllmEngine:
         build = installed_build()
         cpu = build is not None and device_of(build) == "cpu"
         block_size = config.kv_cache_block_size or DEFAULT_BLOCK_SIZE
-        verbosity = _verbosity()
+        verbosity = max(config.verbosity, 0)  # -v / -vv / DYN_LOG; errors-only logs as 0
         log_file = configure_vllm_logging(verbosity)
         from dynamo_run_vllm.args import build_engine_args, kv_endpoints
 
