@@ -16,11 +16,7 @@ from typing import Annotated
 import typer
 
 from dynamo_run import __version__
-
-try:  # typer >= 0.20 vendors its own copy of click
-    from typer._click import exceptions as click_errors
-except ImportError:  # pragma: no cover - older typer uses click itself
-    from click import exceptions as click_errors
+from dynamo_run.click_compat import click_errors
 
 EXAMPLES = """\
 [bold]Inputs[/]  in=text (default) | in=http | in=grpc | in=http,grpc | in=batch:FILE.jsonl
@@ -253,7 +249,8 @@ def run(
         _fail(str(exc), 2)
     _setup_logging(spec.flags.verbosity)
 
-    from dynamo_run.runner import RunError, run
+    from dynamo_run.errors import RunError
+    from dynamo_run.runner import run
 
     try:
         code = run(spec)

@@ -7,6 +7,7 @@ import importlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from dynamo_run.distributed.frontend_runner import RemoteOutput
 from dynamo_run.engine import (
     HF_ENGINES,
     Engine,
@@ -16,6 +17,7 @@ from dynamo_run.engine import (
     install_hint,
     load_engine_factory,
 )
+from dynamo_run.errors import RunError
 from dynamo_run.model.card import CardOverrides, ModelCard, ModelCardError, load_model_card
 from dynamo_run.model.resolve import ModelNotFoundError
 from dynamo_run.pipeline.client import ModelClient
@@ -38,10 +40,6 @@ AUTO_ENGINES: dict[str, tuple[str, ...]] = {
     "gguf": ("llamacpp",),
     "hf": HF_ENGINES,
 }
-
-
-class RunError(RuntimeError):
-    """A failure to start (model, engine): printed as one line, exit code 1."""
 
 
 def choose_engine(spec: RunSpec, card: ModelCard) -> str:
@@ -138,9 +136,7 @@ async def run_async(spec: RunSpec) -> int:
     if spec.output.is_engine:
         loading = asyncio.create_task(load_client(spec))
     else:
-        from dynamo_run.distributed.frontend_runner import RemoteOutput
-
-        remote = RemoteOutput(spec)
+        remote = RemoteOutput(spec, card_overrides(spec))
         loading = asyncio.create_task(remote.load(for_http=spec.input.kind in SERVER_INPUTS))
     try:
         return await run_input(loading, spec)

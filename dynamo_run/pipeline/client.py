@@ -14,15 +14,17 @@ from typing import Any
 import msgspec
 
 from dynamo_run.engine import Engine
+from dynamo_run.errors import RequestError
 from dynamo_run.model.card import ModelCard
 from dynamo_run.parsers import ToolCall, ToolCallDelta
 from dynamo_run.pipeline.answer import AnswerParser, Parsed, ToolCallJoin
+from dynamo_run.pipeline.chat_plan import plan_chat
 from dynamo_run.pipeline.postprocess import (
     IncrementalDetokenizer,
     StopStringMatcher,
     openai_finish_reason,
 )
-from dynamo_run.pipeline.preprocess import PreparedRequest, Preprocessor, RequestError
+from dynamo_run.pipeline.preprocess import PreparedRequest, Preprocessor
 from dynamo_run.protocol.internal import FINISH_ERROR, TokenLogprob
 from dynamo_run.protocol.openai import ChatCompletionRequest
 
@@ -97,8 +99,6 @@ class ModelClient:
     def prepare_chat(self, req: ChatCompletionRequest) -> PreparedRequest:
         """A chat request checked against what this engine can do (tools, JSON formats),
         templated and tokenised; RequestError (HTTP 400) when it cannot be served."""
-        from dynamo_run.pipeline.chat_plan import plan_chat
-
         engine = self.engine
         guidance = plan_chat(
             req,

@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Any
 
+from dynamo_run.errors import RequestError
 from dynamo_run.inputs.batch.lines import (
     FORM_OPENAI,
     URL_CHAT,
@@ -21,7 +22,7 @@ from dynamo_run.inputs.batch.lines import (
 from dynamo_run.inputs.batch.records import error_record, openai_record, text_record
 from dynamo_run.pipeline.choices import complete_choices, expand_choices
 from dynamo_run.pipeline.client import EngineFailure, ModelClient
-from dynamo_run.pipeline.preprocess import RequestError, new_request_id
+from dynamo_run.pipeline.preprocess import new_request_id
 from dynamo_run.pipeline.responses import (
     TokenTexts,
     chat_completion_body,

@@ -22,6 +22,7 @@ from dynamo_run.distributed.discovery import DEFAULT_LEASE_S, Registration
 from dynamo_run.distributed.kv_events import KvEventPublisher, ensure_kv_stream, kv_subject
 from dynamo_run.distributed.request_plane import EndpointServer
 from dynamo_run.distributed.wire import InstanceRecord, instance_subject
+from dynamo_run.errors import RunError
 from dynamo_run.model.card_wire import card_digest, card_to_bytes
 from dynamo_run.pipeline.client import ModelClient
 from dynamo_run.protocol.internal import EngineLoad
@@ -47,7 +48,6 @@ def _engine_load(client: ModelClient, server: EndpointServer) -> EngineLoad:
 
 async def run_worker(loading: asyncio.Task[ModelClient], spec: RunSpec) -> int:
     from dynamo_run.distributed.nats_connect import NatsError, connect_nats
-    from dynamo_run.runner import RunError
 
     endpoint = spec.input.endpoint
     assert endpoint is not None

@@ -16,8 +16,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from dynamo_run.errors import RequestError
 from dynamo_run.pipeline.client import EngineFailure, EngineUnavailable
-from dynamo_run.pipeline.preprocess import RequestError
 
 log = logging.getLogger("dynamo_run.http")
 

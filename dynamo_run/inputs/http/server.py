@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from dynamo_run.errors import RunError
 from dynamo_run.inputs.http.app import ServerState, create_app
 from dynamo_run.metrics import FrontendMetrics
 from dynamo_run.pipeline.client import ModelClient
@@ -172,8 +173,6 @@ def _what(loaded: ModelClient | ModelDirectory) -> str:
 def _load_failed(loading: asyncio.Task[ModelClient]) -> int:
     """Exit code after a failed load. The runner re-raises its own RunError and the CLI
     prints it as one line; anything else is printed here, once, without a traceback."""
-    from dynamo_run.runner import RunError
-
     if loading.cancelled():
         return 1
     exc = loading.exception()

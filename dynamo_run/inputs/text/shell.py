@@ -16,9 +16,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from dynamo_run.errors import RequestError
 from dynamo_run.inputs.text.conversation import SETTINGS, Conversation, SettingError
 from dynamo_run.pipeline.client import EngineFailure, ModelClient
-from dynamo_run.pipeline.preprocess import RequestError
 from dynamo_run.spec import RunSpec
 
 COMMANDS: dict[str, str] = {

@@ -28,6 +28,7 @@ from dynamo_run.protocol.internal import (
     EngineOutput,
     PreprocessedRequest,
 )
+from dynamo_run_sglang import install
 from dynamo_run_sglang.config import NAME, check_model, engine_kwargs, page_size, publishes_to
 from dynamo_run_sglang.kv_events import KvEventTranslator, ZmqKvSubscriber
 from dynamo_run_sglang.launch import (
@@ -94,11 +95,9 @@ class SGLangEngine:
     @classmethod
     def start(cls, card: ModelCard, config: EngineConfig) -> SGLangEngine:
         """Check everything that can be checked cheaply, then launch SGLang."""
-        from dynamo_run_sglang import unusable_reason
-
         check_model(card)
         engine_kwargs(card, config)  # our flags' errors before the machine's
-        reason = unusable_reason()
+        reason = install.unusable_reason()
         if reason is not None:
             raise EngineError(reason)  # names the engine already
         translator = KvEventTranslator(16)

@@ -24,6 +24,7 @@ from dynamo_run.protocol.internal import (
     EngineOutput,
     PreprocessedRequest,
 )
+from dynamo_run_trtllm import install
 from dynamo_run_trtllm.config import NAME, block_size, check_model, context_length, llm_kwargs
 from dynamo_run_trtllm.kv_events import KvEventTranslator
 from dynamo_run_trtllm.sampling import sampling_kwargs
@@ -90,11 +91,9 @@ class TrtLlmEngine:
     @classmethod
     def start(cls, card: ModelCard, config: EngineConfig) -> TrtLlmEngine:
         """Check everything that can be checked cheaply, then build the LLM."""
-        from dynamo_run_trtllm import unusable_reason
-
         check_model(card)
         kwargs = llm_kwargs(card, config)
-        reason = unusable_reason()
+        reason = install.unusable_reason()
         if reason is not None:
             raise EngineError(reason)  # names the engine already
         llm_cls, kv_config_cls, make = _import_api()
