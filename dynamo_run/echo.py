@@ -12,11 +12,12 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 
-from dynamo_run.engine import EngineConfig
+from dynamo_run.engine import Engine, EngineCapabilities, EngineConfig
 from dynamo_run.model.card import ModelCard
 from dynamo_run.protocol.internal import (
     FINISH_LENGTH,
     FINISH_STOP,
+    EngineLoad,
     EngineOutput,
     PreprocessedRequest,
 )
@@ -24,12 +25,19 @@ from dynamo_run.protocol.internal import (
 DEFAULT_DELAY_MS = 10.0
 
 
-class EchoEngine:
-    """Echoes prompt tokens; ``in_flight`` counts requests still generating."""
+class EchoEngine(Engine):
+    """Echoes prompt tokens; ``in_flight`` counts requests still generating. It can do
+    nothing beyond that (no embeddings, guided decoding or KV events)."""
 
     def __init__(self, delay_ms: float = DEFAULT_DELAY_MS) -> None:
         self.delay = max(0.0, delay_ms) / 1000.0
         self.in_flight = 0
+
+    def capabilities(self) -> EngineCapabilities:
+        return EngineCapabilities()
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(in_flight=self.in_flight)
 
     async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
         limit = request.stop.max_tokens

@@ -119,9 +119,9 @@ async def load_client(spec: RunSpec) -> ModelClient:
     engine = await asyncio.to_thread(start_engine, engine_name, card, spec)
     # An engine may hold less context per sequence than the model was trained for (llama.cpp
     # splits n_ctx between parallel sequences): the frontend must check against that.
-    per_sequence = getattr(engine, "context_per_sequence", None)
+    per_sequence = engine.capabilities().context_per_sequence
     if per_sequence:
-        card.context_length = min(card.context_length, int(per_sequence))
+        card.context_length = min(card.context_length, per_sequence)
     client = ModelClient(card, engine, spec.request_template, spec.flags.generation_config)
     client.engine_name = engine_name
     return client

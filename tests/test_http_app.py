@@ -16,10 +16,11 @@ import httpx
 import pytest
 
 from dynamo_run.echo import EchoEngine
+from dynamo_run.engine import Engine, EngineCapabilities
 from dynamo_run.inputs.http.app import ServerState, create_app
 from dynamo_run.model.card import ModelCard, load_model_card
 from dynamo_run.pipeline.client import ModelClient
-from dynamo_run.protocol.internal import FINISH_ERROR, EngineOutput, PreprocessedRequest
+from dynamo_run.protocol.internal import FINISH_ERROR, EngineLoad, EngineOutput, PreprocessedRequest
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +28,18 @@ def card() -> ModelCard:
     return load_model_card(None)
 
 
-class FailingEngine:
+class FailingEngine(Engine):
     """Emits ``good`` tokens of the prompt, then reports an engine error (or raises)."""
 
     def __init__(self, good: int = 2, crash: bool = False) -> None:
         self.good = good
         self.crash = crash
+
+    def capabilities(self) -> EngineCapabilities:
+        return EngineCapabilities()
+
+    def load(self) -> EngineLoad:
+        return EngineLoad()
 
     async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
         for token in request.token_ids[: self.good]:
@@ -185,7 +192,8 @@ def test_engine_crash_never_shows_a_traceback(card: ModelCard) -> None:
 
 def test_json_object_allowed_when_engine_declares_it(card: ModelCard) -> None:
     class ConstrainedEcho(EchoEngine):
-        supports_json_object = True
+        def capabilities(self) -> EngineCapabilities:
+            return EngineCapabilities(json_object=True)
 
     async def scenario() -> None:
         loading = asyncio.create_task(_serve(card, ConstrainedEcho(0))())

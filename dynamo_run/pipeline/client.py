@@ -99,17 +99,16 @@ class ModelClient:
     def prepare_chat(self, req: ChatCompletionRequest) -> PreparedRequest:
         """A chat request checked against what this engine can do (tools, JSON formats),
         templated and tokenised; RequestError (HTTP 400) when it cannot be served."""
-        engine = self.engine
+        can = self.engine.capabilities()
         guidance = plan_chat(
             req,
             self.card,
-            can_object=bool(getattr(engine, "supports_json_object", False)),
-            can_schema=bool(getattr(engine, "supports_json_schema", False)),
+            can_object=can.json_object,
+            can_schema=can.json_schema,
             engine=self.engine_name,
         )
-        check = getattr(engine, "check_json_schema", None)
-        if guidance.json_schema is not None and check is not None:
-            problem = check(guidance.json_schema)
+        if guidance.json_schema is not None:
+            problem = self.engine.check_json_schema(guidance.json_schema)
             if problem:
                 param = "tools" if guidance.plan and guidance.plan.forced else "response_format"
                 raise RequestError(f"the JSON schema cannot be enforced: {problem}", param=param)

@@ -128,9 +128,9 @@ class BatchExecutor:
         return body, prompts[0].engine_request.request_id
 
     async def _embedding_body(self, req: EmbeddingRequest) -> tuple[dict[str, Any], str]:
-        embed = getattr(self.client.engine, "embed", None)
-        if embed is None:
+        engine = self.client.engine
+        if not engine.capabilities().embeddings:
             raise LineError("not_supported", f"out={self.engine_name} cannot compute embeddings")
         token_ids = embedding_token_ids(self.client, req)
-        vectors = await embed(token_ids)
+        vectors = await engine.embed(token_ids)
         return embedding_body(self.model, req, token_ids, vectors), new_request_id()

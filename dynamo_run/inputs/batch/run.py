@@ -132,8 +132,8 @@ class LineWriter:
 def _concurrency(spec: RunSpec, client: ModelClient) -> int:
     if spec.flags.batch_concurrency:
         return spec.flags.batch_concurrency
-    engine_max = getattr(client.engine, "max_concurrency", None)
-    if isinstance(engine_max, int) and engine_max > 0:
+    engine_max = client.engine.capabilities().max_concurrency
+    if engine_max is not None and engine_max > 0:
         return engine_max
     return DEFAULT_CONCURRENCY
 

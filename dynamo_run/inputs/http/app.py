@@ -422,7 +422,7 @@ def _token_texts(client: ModelClient, top_n: int | None) -> TokenTexts | None:
 
 def _stream(gen: Generation, chunks: ChatChunks | CompletionChunks) -> Response:
     gen.info.request_type = "stream"
-    if not getattr(gen.client.engine, "remote", False):
+    if not gen.client.engine.capabilities().remote:
         return SSEResponse(sse_events(gen, chunks))
     gen.hold_opening = True
     return SSEResponse(
@@ -447,11 +447,12 @@ async def _whole(
 
 
 async def _embeddings(request: Request, client: ModelClient, req: EmbeddingRequest) -> Response:
-    embed = getattr(client.engine, "embed", None)
-    if embed is None:
+    if not client.engine.capabilities().embeddings:
         raise ApiError(400, "model does not support embeddings", param="model")
     token_ids = embedding_token_ids(client, req)
-    vectors = await unless_disconnected(request, embed(token_ids), request_info(request.scope))
+    vectors = await unless_disconnected(
+        request, client.engine.embed(token_ids), request_info(request.scope)
+    )
     if vectors is None:
         return Response(status_code=204)
     return _json_body(embedding_body(client.card.name, req, token_ids, vectors))

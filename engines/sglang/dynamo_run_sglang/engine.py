@@ -17,7 +17,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from dynamo_run.engine import EngineConfig, EngineError, KvEventSink
+from dynamo_run.engine import Engine, EngineCapabilities, EngineConfig, EngineError, KvEventSink
 from dynamo_run.engine_support.errors import load_error, short, unknown_argument_error
 from dynamo_run.engine_support.startup_log import log_path, root_cause, stderr_to
 from dynamo_run.model.card import ModelCard
@@ -63,12 +63,8 @@ def _start_sglang(kwargs: dict[str, Any]) -> Any:
     return sglang.Engine(server_args=server_args)
 
 
-class SGLangEngine:
+class SGLangEngine(Engine):
     """Token-level engine over one ``sglang.Engine``."""
-
-    # response_format json_object / json_schema go to SGLang's grammar backend.
-    supports_json_object = True
-    supports_json_schema = True
 
     def __init__(
         self,
@@ -128,6 +124,12 @@ class SGLangEngine:
             kv=translator if subscriber is not None else None,
             subscriber=subscriber,
         )
+
+    def capabilities(self) -> EngineCapabilities:
+        """response_format json_object / json_schema go to SGLang's grammar backend; KV
+        events when SGLang publishes them to our subscriber (not to the user's own
+        kv_events_config)."""
+        return EngineCapabilities(json_object=True, json_schema=True, kv_events=self.kv is not None)
 
     # --- requests -------------------------------------------------------------------------
     async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from dynamo_run.engine import EngineConfig, EngineError, KvEventSink
+from dynamo_run.engine import Engine, EngineCapabilities, EngineConfig, EngineError, KvEventSink
 from dynamo_run.engine_support.errors import load_error, short
 from dynamo_run.engine_support.startup_log import log_path, root_cause, stderr_to
 from dynamo_run.model.card import ModelCard
@@ -62,12 +62,8 @@ def _import_api() -> tuple[Any, Any, SamplingFactory]:
     return LLM, KvCacheConfig, make
 
 
-class TrtLlmEngine:
+class TrtLlmEngine(Engine):
     """Token-level engine over one ``tensorrt_llm.LLM``."""
-
-    # response_format json_object / json_schema go to xgrammar (guided_decoding_backend).
-    supports_json_object = True
-    supports_json_schema = True
 
     def __init__(
         self,
@@ -113,6 +109,16 @@ class TrtLlmEngine:
             make,
             block_size=block_size(kwargs),
             context_length=context_length(card, kwargs),
+        )
+
+    def capabilities(self) -> EngineCapabilities:
+        """response_format json_object / json_schema go to xgrammar (guided_decoding_backend);
+        its KV cache events are polled; sequences hold at most max_seq_len tokens."""
+        return EngineCapabilities(
+            json_object=True,
+            json_schema=True,
+            kv_events=True,
+            context_per_sequence=self.context_length,
         )
 
     # --- requests -------------------------------------------------------------------------
