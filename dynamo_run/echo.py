@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from dynamo_run.engine import Engine, EngineCapabilities, EngineConfig
 from dynamo_run.model.card import ModelCard
@@ -39,7 +39,7 @@ class EchoEngine(Engine):
     def load(self) -> EngineLoad:
         return EngineLoad(in_flight=self.in_flight)
 
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         limit = request.stop.max_tokens
         tokens = request.token_ids if limit is None else request.token_ids[:limit]
         self.in_flight += 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from abc import abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -82,7 +82,7 @@ class Engine(Protocol):
         ...
 
     @abstractmethod
-    def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         """Stream outputs for one request; the last output carries ``finish_reason``."""
         ...
 

@@ -79,7 +79,9 @@ def test_every_registered_engine_is_checked_here() -> None:
 def test_engine_classes_implement_the_protocol(name: str) -> None:
     cls = _class(ENGINE_CLASSES[name])
     assert Engine in cls.__mro__, f"{cls.__name__} does not subclass the Engine protocol"
-    assert not inspect.isabstract(cls), f"{cls.__name__} misses {cls.__abstractmethods__}"
+    assert not inspect.isabstract(cls), (
+        f"{cls.__name__} misses {getattr(cls, '__abstractmethods__', ())}"
+    )
     stale = [n for n in STALE_NAMES if hasattr(cls, n)]
     assert not stale, f"{cls.__name__} declares {stale}: say it in capabilities()"
 
@@ -146,7 +148,11 @@ def _record(n: int, schema: bool) -> InstanceRecord:
 
 def _remote(card: ModelCard) -> Iterator[Engine]:
     for live in ([], [_record(1, True), _record(2, False)], [_record(1, True)]):
-        yield RemoteEngine("m", lambda live=live: live, None, Router())  # type: ignore[arg-type]
+        yield RemoteEngine("m", _fixed(live), None, Router())  # type: ignore[arg-type]
+
+
+def _fixed(live: list[InstanceRecord]) -> Callable[[], list[InstanceRecord]]:
+    return lambda: live
 
 
 BUILDERS: dict[str, Callable[[ModelCard], Iterator[Engine]]] = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -42,7 +42,7 @@ class FailingEngine(Engine):
     def load(self) -> EngineLoad:
         return EngineLoad()
 
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         for token in request.token_ids[: self.good]:
             yield EngineOutput([token])
         if self.crash:

@@ -9,7 +9,7 @@ the tokens already streamed to another instance, so the client sees one unbroken
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import msgspec
 
@@ -82,7 +82,7 @@ class RemoteEngine(Engine):
             slots_busy=sum(r.load.slots_busy for r in live),
         )
 
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         prompt = list(request.token_ids)
         generated: list[int] = []
         tried: set[str] = set()

@@ -8,7 +8,7 @@ frontend, routers and distributed pieces can be tested and benchmarked on any ma
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from dynamo_run.engine import Engine, EngineCapabilities, KvEventSink
 from dynamo_run.mocker.block_pool import BlockPool
@@ -61,7 +61,7 @@ class MockerEngine(Engine):
             return room if room is not None else 0
         return limit if room is None else min(limit, room)
 
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         """One token per scheduler step until ``max_tokens`` (never EOS: ``stop_token_ids``,
         ``ignore_eos``, ``min_tokens`` and the sampling settings change nothing)."""
         self.in_flight += 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import llama_cpp.llama_cpp as L
@@ -161,7 +161,7 @@ class LlamaCppEngine(Engine):
             return str(exc)
         return None
 
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         if self._closed:
             raise EngineError("llamacpp: the engine is closed")
         queue: asyncio.Queue[EngineOutput] = asyncio.Queue()

@@ -14,7 +14,7 @@ import inspect
 import logging
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from dynamo_run.engine import Engine, EngineCapabilities, EngineConfig, EngineError, KvEventSink
@@ -132,7 +132,7 @@ class SGLangEngine(Engine):
         return EngineCapabilities(json_object=True, json_schema=True, kv_events=self.kv is not None)
 
     # --- requests -------------------------------------------------------------------------
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         if self._closed:
             raise EngineError(f"{NAME}: the engine is closed")
         self._ensure_loop()

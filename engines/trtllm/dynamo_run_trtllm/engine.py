@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from dynamo_run.engine import Engine, EngineCapabilities, EngineConfig, EngineError, KvEventSink
@@ -122,7 +122,7 @@ class TrtLlmEngine(Engine):
         )
 
     # --- requests -------------------------------------------------------------------------
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         if self._closed:
             raise EngineError(f"{NAME}: the engine is closed")
         self._start_pollers()

@@ -15,7 +15,7 @@ import gc
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +203,7 @@ class VllmEngine(Engine):
         self.kv.set_sink(sink)
 
     # --- requests -------------------------------------------------------------------------
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         if self._closed:
             raise EngineError("vllm: the engine is closed")
         try:
