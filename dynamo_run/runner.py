@@ -78,9 +78,15 @@ def start_engine(name: str, card: ModelCard, spec: RunSpec) -> Engine:
             extra=dict(spec.extra_engine_args),
             tensor_parallel_size=spec.flags.tensor_parallel_size,
         )
-        return factory(card, config)
+        engine = factory(card, config)
     except EngineError as exc:
         raise RunError(f"out={name}: {exc}") from exc
+    if not isinstance(engine, Engine):  # a plugin written against an older contract
+        raise RunError(
+            f"out={name}: {type(engine).__name__} does not implement dynamo-run's Engine "
+            "protocol (capabilities(), load(), generate(), close())"
+        )
+    return engine
 
 
 def card_overrides(spec: RunSpec) -> CardOverrides:

@@ -258,3 +258,25 @@ def test_remote_capabilities_come_from_the_workers_registrations(
         (True, False, True),  # one of two cannot enforce a schema: any may be picked
         (True, True, True),
     ]
+
+
+def test_an_engine_outside_the_contract_is_a_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, default_card: ModelCard
+) -> None:
+    """A plugin written before capabilities() (generate and close only) is refused at start,
+    not left to fail on the first request."""
+    from dynamo_run import runner
+    from dynamo_run.errors import RunError
+    from dynamo_run.spec import Flags, parse_run_spec
+
+    class OldEngine:
+        async def generate(self, request: Any) -> Any:
+            yield None
+
+        async def close(self) -> None:
+            return None
+
+    monkeypatch.setattr(runner, "load_engine_factory", lambda name: lambda card, cfg: OldEngine())
+    spec = parse_run_spec(["out=echo"], Flags())
+    with pytest.raises(RunError, match="OldEngine does not implement dynamo-run's Engine"):
+        runner.start_engine("old", default_card, spec)
