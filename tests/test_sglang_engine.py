@@ -91,7 +91,9 @@ def test_unusable_reason_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_unusable_reason_hidden_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dynamo_run_sglang.install.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(
+        dynamo_run_sglang.install.importlib.util, "find_spec", lambda name: object()
+    )
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert unusable_reason() == "no NVIDIA GPU found (sglang needs CUDA)"
 
@@ -106,7 +108,9 @@ def test_gguf_model_is_one_line_error() -> None:
 
 @pytest.mark.skipif(has_nvidia_gpu(), reason="this machine has a GPU")
 def test_no_gpu_is_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dynamo_run_sglang.install.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(
+        dynamo_run_sglang.install.importlib.util, "find_spec", lambda name: object()
+    )
     with pytest.raises(EngineError, match=r"^no NVIDIA GPU found \(sglang needs CUDA\)$"):
         create_engine(hf_card(), EngineConfig())
 
