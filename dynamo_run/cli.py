@@ -18,13 +18,9 @@ from typing import Annotated, Any
 import typer
 
 from dynamo_run import __version__
+from dynamo_run.click_compat import click_errors
 from dynamo_run.settings import SpecError, python_log_level
 from dynamo_run.settings_cli import ConfigOption, resolve_settings, with_settings
-
-try:  # typer >= 0.20 vendors its own copy of click
-    from typer._click import exceptions as click_errors
-except ImportError:  # pragma: no cover - older typer uses click itself
-    from click import exceptions as click_errors
 
 EXAMPLES = """\
 [bold]Inputs[/]  in=text (default) | in=http | in=grpc | in=http,grpc | in=batch:FILE.jsonl
@@ -113,7 +109,8 @@ def run(
         _fail(str(exc), 2)
     _setup_logging(spec.flags.verbosity)
 
-    from dynamo_run.runner import RunError, run
+    from dynamo_run.errors import RunError
+    from dynamo_run.runner import run
 
     try:
         code = run(spec)

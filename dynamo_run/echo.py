@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
-from dynamo_run.engine import EngineConfig
+from dynamo_run.engine import Engine, EngineCapabilities, EngineConfig
 from dynamo_run.model.card import ModelCard
 from dynamo_run.protocol.internal import (
     FINISH_LENGTH,
     FINISH_STOP,
+    EngineLoad,
     EngineOutput,
     PreprocessedRequest,
 )
@@ -24,14 +25,21 @@ from dynamo_run.protocol.internal import (
 DEFAULT_DELAY_MS = 10.0
 
 
-class EchoEngine:
-    """Echoes prompt tokens; ``in_flight`` counts requests still generating."""
+class EchoEngine(Engine):
+    """Echoes prompt tokens; ``in_flight`` counts requests still generating. It can do
+    nothing beyond that (no embeddings, guided decoding or KV events)."""
 
     def __init__(self, delay_ms: float = DEFAULT_DELAY_MS) -> None:
         self.delay = max(0.0, delay_ms) / 1000.0
         self.in_flight = 0
 
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    def capabilities(self) -> EngineCapabilities:
+        return EngineCapabilities()
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(in_flight=self.in_flight)
+
+    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         limit = request.stop.max_tokens
         tokens = request.token_ids if limit is None else request.token_ids[:limit]
         self.in_flight += 1

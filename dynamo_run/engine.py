@@ -9,7 +9,8 @@ the ``dynamo_run.engines`` entry-point group; they are imported only when select
 from __future__ import annotations
 
 import importlib
-from collections.abc import AsyncIterator, Callable
+from abc import abstractmethod
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -42,40 +43,75 @@ class EngineConfig:
     verbosity: int = 0  # -v / -vv / DYN_LOG: -1 errors only, 0 warnings, 1 info, 2+ debug
 
 
+# Where an engine reports its KV events (see Engine.set_kv_event_sink).
+KvEventSink = Callable[[KvCacheEvent], None]
+
+
+@dataclass(frozen=True)
+class EngineCapabilities:
+    """What an engine can do beyond streaming tokens: the one place every input asks.
+
+    Each flag that promises a method says which; an engine that claims a flag implements
+    that method (``tests/test_engine_contract.py`` checks every engine)."""
+
+    embeddings: bool = False  # embed(): /v1/embeddings, embedding lines in in=batch
+    json_object: bool = False  # enforces sampling.json_object (response_format, tool calls)
+    json_schema: bool = False  # enforces sampling.json_schema (check_json_schema may pre-check)
+    kv_events: bool = False  # set_kv_event_sink(): reports KV blocks stored / removed
+    remote: bool = False  # outputs name the worker instance that served them (out=dyn)
+    max_concurrency: int | None = None  # requests it runs at once (in=batch's default)
+    # The longest sequence (prompt + answer) one request may hold, where that is less than
+    # the model's context (llama.cpp splits n_ctx between its parallel sequences).
+    context_per_sequence: int | None = None
+
+
+# The method each capability flag promises (flags without one need no method of their own).
+CAPABILITY_METHODS = {"embeddings": "embed", "kv_events": "set_kv_event_sink"}
+
+
 @runtime_checkable
 class Engine(Protocol):
     """What every engine provides. ``generate`` must stop promptly when its consumer
-    cancels the iteration (``aclose``/task cancellation) and free what the request held."""
+    cancels the iteration (``aclose``/task cancellation) and free what the request held.
 
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    Engines subclass this protocol to get the defaults of the optional methods; which of
+    those an engine really implements is what :meth:`capabilities` says."""
+
+    @abstractmethod
+    def capabilities(self) -> EngineCapabilities:
+        """What this engine can do now (cheap: inputs ask per request)."""
+        ...
+
+    @abstractmethod
+    def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         """Stream outputs for one request; the last output carries ``finish_reason``."""
         ...
 
+    @abstractmethod
     async def close(self) -> None:
         """Release the model and any threads."""
         ...
 
-
-class SupportsEmbeddings(Protocol):
-    async def embed(self, token_ids: list[list[int]]) -> list[list[float]]:
-        """One embedding vector per tokenised input."""
+    @abstractmethod
+    def load(self) -> EngineLoad:
+        """Its live load: requests in flight (every engine counts them: /metrics), and the
+        slots and KV blocks it has and uses where it knows them (discovery, routing)."""
         ...
 
+    async def embed(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """One embedding vector per tokenised input (``capabilities().embeddings``)."""
+        raise EngineError(f"{type(self).__name__} does not compute embeddings")
 
-KvEventSink = Callable[[KvCacheEvent], None]
+    def set_kv_event_sink(self, sink: KvEventSink | None) -> None:
+        """Report KV events to ``sink``, None to stop (``capabilities().kv_events``). The
+        sink is called on the engine's own thread or loop and must not block."""
+        if sink is not None:
+            raise EngineError(f"{type(self).__name__} does not report KV events")
 
-
-class SupportsKvEvents(Protocol):
-    """Optional: an engine that can report what its KV cache stores and evicts. The sink is
-    called on the engine's own thread or loop and must not block."""
-
-    def set_kv_event_sink(self, sink: KvEventSink | None) -> None: ...
-
-
-class SupportsLoad(Protocol):
-    """Optional: an engine that reports its live load (for discovery and routing)."""
-
-    def load(self) -> EngineLoad: ...
+    def check_json_schema(self, schema: dict[str, Any]) -> str | None:
+        """Why ``schema`` cannot be enforced, or None; the frontend answers 400 with it.
+        The default leaves the check to ``generate`` (an error output)."""
+        return None
 
 
 EngineFactory = Callable[["ModelCard", EngineConfig], Engine]

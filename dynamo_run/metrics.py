@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,6 +21,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from dynamo_run.engine import Engine
 
 PREFIX = "dynamo_frontend_"
 
@@ -151,7 +152,7 @@ class FrontendMetrics:
         )
         self.engine_inflight = Gauge(
             "dynamo_engine_inflight_requests",
-            "Requests the local engine is still generating (engines that count them)",
+            "Requests the local engine is still generating",
             ["model"],
             registry=r,
         )
@@ -159,10 +160,9 @@ class FrontendMetrics:
     def count_request(self, model: str, endpoint: str, request_type: str, status: int) -> None:
         self.requests.labels(model, endpoint, request_type, str(status)).inc()
 
-    def watch_engine(self, model: str, engine: Any) -> None:
-        """Expose an engine's ``in_flight`` counter, read at scrape time, if it has one."""
-        if hasattr(engine, "in_flight"):
-            self.engine_inflight.labels(model).set_function(lambda: float(engine.in_flight))
+    def watch_engine(self, model: str, engine: Engine) -> None:
+        """Expose the engine's requests in flight (its ``load()``), read at scrape time."""
+        self.engine_inflight.labels(model).set_function(lambda: float(engine.load().in_flight))
 
     def timer(self, model: str, input_tokens: int, start: float | None = None) -> RequestTimer:
         """Start timing one generation request; ``start`` (perf_counter) is its arrival."""

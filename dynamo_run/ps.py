@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import msgspec
 import typer
 
+from dynamo_run.click_compat import click_errors
 from dynamo_run.distributed.wire import InstanceRecord
 from dynamo_run.settings import SpecError
 from dynamo_run.settings_cli import ConfigOption, resolve_settings, with_settings
@@ -171,8 +172,6 @@ def main(argv: list[str]) -> int:
     except typer.Exit as exc:
         return exc.exit_code
     except Exception as exc:
-        from dynamo_run.cli import click_errors
-
         if isinstance(exc, click_errors.UsageError):
             print(f"dynamo-run ps: error: {exc.format_message()}", file=sys.stderr)
             return 2

@@ -7,6 +7,7 @@ import importlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from dynamo_run.distributed.frontend_runner import RemoteOutput
 from dynamo_run.engine import (
     HF_ENGINES,
     Engine,
@@ -16,6 +17,7 @@ from dynamo_run.engine import (
     install_hint,
     load_engine_factory,
 )
+from dynamo_run.errors import RunError
 from dynamo_run.model.card import CardOverrides, ModelCard, ModelCardError, load_model_card
 from dynamo_run.model.resolve import ModelNotFoundError
 from dynamo_run.pipeline.client import ModelClient
@@ -38,10 +40,6 @@ AUTO_ENGINES: dict[str, tuple[str, ...]] = {
     "gguf": ("llamacpp",),
     "hf": HF_ENGINES,
 }
-
-
-class RunError(RuntimeError):
-    """A failure to start (model, engine): printed as one line, exit code 1."""
 
 
 def choose_engine(spec: RunSpec, card: ModelCard) -> str:
@@ -81,9 +79,15 @@ def start_engine(name: str, card: ModelCard, spec: RunSpec) -> Engine:
             tensor_parallel_size=spec.flags.tensor_parallel_size,
             verbosity=spec.flags.verbosity,
         )
-        return factory(card, config)
+        engine = factory(card, config)
     except EngineError as exc:
         raise RunError(f"out={name}: {exc}") from exc
+    if not isinstance(engine, Engine):  # a plugin written against an older contract
+        raise RunError(
+            f"out={name}: {type(engine).__name__} does not implement dynamo-run's Engine "
+            "protocol (capabilities(), load(), generate(), close())"
+        )
+    return engine
 
 
 def card_overrides(spec: RunSpec) -> CardOverrides:
@@ -122,9 +126,9 @@ async def load_client(spec: RunSpec) -> ModelClient:
     engine = await asyncio.to_thread(start_engine, engine_name, card, spec)
     # An engine may hold less context per sequence than the model was trained for (llama.cpp
     # splits n_ctx between parallel sequences): the frontend must check against that.
-    per_sequence = getattr(engine, "context_per_sequence", None)
+    per_sequence = engine.capabilities().context_per_sequence
     if per_sequence:
-        card.context_length = min(card.context_length, int(per_sequence))
+        card.context_length = min(card.context_length, per_sequence)
     client = ModelClient(card, engine, spec.request_template, spec.flags.generation_config)
     client.engine_name = engine_name
     return client
@@ -139,9 +143,7 @@ async def run_async(spec: RunSpec) -> int:
     if spec.output.is_engine:
         loading = asyncio.create_task(load_client(spec))
     else:
-        from dynamo_run.distributed.frontend_runner import RemoteOutput
-
-        remote = RemoteOutput(spec)
+        remote = RemoteOutput(spec, card_overrides(spec))
         loading = asyncio.create_task(remote.load(for_http=spec.input.kind in SERVER_INPUTS))
     try:
         return await run_input(loading, spec)

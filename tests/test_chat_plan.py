@@ -12,12 +12,12 @@ from conftest import REPO
 
 from dynamo_run.distributed.wire import InstanceRecord, decode_record, encode_record
 from dynamo_run.echo import EchoEngine
+from dynamo_run.errors import RequestError
 from dynamo_run.model.card import CardOverrides
 from dynamo_run.model.card_wire import card_from_bytes, card_to_bytes
 from dynamo_run.pipeline.answer import AnswerParser, OutputPlan
 from dynamo_run.pipeline.chat_plan import plan_chat, unenforced_keywords
 from dynamo_run.pipeline.client import ModelClient
-from dynamo_run.pipeline.preprocess import RequestError
 from dynamo_run.protocol.openai import ChatCompletionRequest
 
 HERMES = (REPO / "tests" / "templates" / "hermes_tools.jinja").read_text()

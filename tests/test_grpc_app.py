@@ -23,9 +23,9 @@ from dynamo_run.inputs.grpc.proto import grpc_service_pb2 as pb
 from dynamo_run.inputs.grpc.request import parse_infer_request
 from dynamo_run.inputs.grpc.server import start_grpc
 from dynamo_run.inputs.grpc.tensors import TensorError, bytes_raw, decode_inputs
-from dynamo_run.metrics import FrontendMetrics
 from dynamo_run.model.card import ModelCard, load_model_card
 from dynamo_run.pipeline.client import ModelClient
+from dynamo_run.pipeline.serving import ServedModels
 from dynamo_run.spec import Flags, SpecError, parse_run_spec
 
 
@@ -42,7 +42,7 @@ def _text(value: str, name: str = "text_input") -> InferInput:
 
 async def _serve(loading: asyncio.Task[Any]) -> tuple[Any, tca.InferenceServerClient]:
     spec = parse_run_spec(["in=grpc", "out=echo"], Flags(grpc_port=free_port()))
-    server, port = await start_grpc(loading, spec, FrontendMetrics(), watch=True)
+    server, port = await start_grpc(ServedModels(loading), spec)
     return server, tca.InferenceServerClient(f"127.0.0.1:{port}")
 
 

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
 import pytest
 
 from dynamo_run.echo import EchoEngine
-from dynamo_run.inputs.http.app import ServerState, create_app
+from dynamo_run.engine import Engine, EngineCapabilities
+from dynamo_run.inputs.http.app import create_app
 from dynamo_run.model.card import ModelCard, load_model_card
 from dynamo_run.pipeline.client import ModelClient
-from dynamo_run.protocol.internal import FINISH_ERROR, EngineOutput, PreprocessedRequest
+from dynamo_run.pipeline.serving import ServedModels
+from dynamo_run.protocol.internal import FINISH_ERROR, EngineLoad, EngineOutput, PreprocessedRequest
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +29,20 @@ def card() -> ModelCard:
     return load_model_card(None)
 
 
-class FailingEngine:
+class FailingEngine(Engine):
     """Emits ``good`` tokens of the prompt, then reports an engine error (or raises)."""
 
     def __init__(self, good: int = 2, crash: bool = False) -> None:
         self.good = good
         self.crash = crash
 
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    def capabilities(self) -> EngineCapabilities:
+        return EngineCapabilities()
+
+    def load(self) -> EngineLoad:
+        return EngineLoad()
+
+    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         for token in request.token_ids[: self.good]:
             yield EngineOutput([token])
         if self.crash:
@@ -62,7 +70,7 @@ def test_503_while_loading_then_200(card: ModelCard) -> None:
             return ModelClient(card, EchoEngine(0))
 
         loading = asyncio.create_task(load())
-        app = create_app(ServerState(loading))
+        app = create_app(ServedModels(loading))
         async with _client(app) as http:
             for path in ("/health", "/live"):
                 res = await http.get(path)
@@ -97,9 +105,8 @@ def test_ready_the_moment_loading_ends(card: ModelCard) -> None:
         loading = asyncio.create_task(load())
         while not loading.done():
             await asyncio.sleep(0)
-        state = ServerState(loading)  # its done callback is only scheduled now
-        assert state.directory is None
-        assert state.ready() is loading.result()
+        models = ServedModels(loading)  # its done callback is only scheduled now
+        assert models.lookup(None) is loading.result()
 
     _run(scenario())
 
@@ -110,7 +117,7 @@ def test_503_after_failed_load() -> None:
             raise OSError("disk on fire")
 
         loading = asyncio.create_task(load())
-        app = create_app(ServerState(loading))
+        app = create_app(ServedModels(loading))
         await asyncio.gather(loading, return_exceptions=True)
         async with _client(app) as http:
             res = await http.get("/health")
@@ -131,7 +138,7 @@ def _serve(card: ModelCard, engine: Any) -> Any:
 def test_engine_failure_is_500_unary(card: ModelCard) -> None:
     async def scenario() -> None:
         loading = asyncio.create_task(_serve(card, FailingEngine())())
-        app = create_app(ServerState(loading))
+        app = create_app(ServedModels(loading))
         await loading
         async with _client(app) as http:
             res = await http.post("/v1/completions", json={"prompt": "one two three"})
@@ -148,7 +155,7 @@ def test_engine_failure_is_500_unary(card: ModelCard) -> None:
 def test_engine_failure_mid_stream_is_an_error_event(card: ModelCard) -> None:
     async def scenario() -> None:
         loading = asyncio.create_task(_serve(card, FailingEngine())())
-        app = create_app(ServerState(loading))
+        app = create_app(ServedModels(loading))
         await loading
         async with _client(app) as http:
             body = {"prompt": "one two three", "stream": True}
@@ -165,7 +172,7 @@ def test_engine_failure_mid_stream_is_an_error_event(card: ModelCard) -> None:
 def test_engine_crash_never_shows_a_traceback(card: ModelCard) -> None:
     async def scenario() -> None:
         loading = asyncio.create_task(_serve(card, FailingEngine(crash=True))())
-        app = create_app(ServerState(loading))
+        app = create_app(ServedModels(loading))
         await loading
         async with _client(app) as http:
             res = await http.post(
@@ -185,11 +192,12 @@ def test_engine_crash_never_shows_a_traceback(card: ModelCard) -> None:
 
 def test_json_object_allowed_when_engine_declares_it(card: ModelCard) -> None:
     class ConstrainedEcho(EchoEngine):
-        supports_json_object = True
+        def capabilities(self) -> EngineCapabilities:
+            return EngineCapabilities(json_object=True)
 
     async def scenario() -> None:
         loading = asyncio.create_task(_serve(card, ConstrainedEcho(0))())
-        app = create_app(ServerState(loading))
+        app = create_app(ServedModels(loading))
         await loading
         async with _client(app) as http:
             body = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
+from dynamo_run.echo import EchoEngine
 from dynamo_run.metrics import FrontendMetrics, LoopHistogram
 
 BUCKETS = (0.001, 0.01, 0.1, 1.0)
@@ -50,10 +51,7 @@ def test_timer_records_one_request() -> None:
 
 
 def test_engine_in_flight_is_read_at_scrape_time() -> None:
-    class Engine:
-        in_flight = 0
-
-    metrics, engine = FrontendMetrics(), Engine()
+    metrics, engine = FrontendMetrics(), EchoEngine(0)
     metrics.watch_engine("m", engine)
     engine.in_flight = 3
     assert metrics.registry.get_sample_value("dynamo_engine_inflight_requests", {"model": "m"}) == 3

@@ -115,8 +115,6 @@ def test_completion_logprobs_streamed(client: openai.OpenAI) -> None:
 
 
 def test_embeddings(client: openai.OpenAI) -> None:
-    if not hasattr(LlamaCppEngine, "embed"):
-        pytest.skip("the llamacpp engine has no embed() yet")
     res = client.embeddings.create(model=MODEL_NAME, input=["hello world", "hello world", "tax"])
     vectors = [d.embedding for d in res.data]  # the client asks for base64 and decodes it
     assert [d.index for d in res.data] == [0, 1, 2]
@@ -131,8 +129,6 @@ def test_embeddings(client: openai.OpenAI) -> None:
 
 
 def test_json_object(client: openai.OpenAI) -> None:
-    if not getattr(LlamaCppEngine, "supports_json_object", False):
-        pytest.skip("the llamacpp engine does not declare supports_json_object")
     res = client.chat.completions.create(
         model=MODEL_NAME,
         messages=[{"role": "user", "content": "Give a JSON object with a name."}],

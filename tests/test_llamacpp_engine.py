@@ -241,7 +241,7 @@ def test_bad_requests_get_error_outputs(engine: LlamaCppEngine, card: ModelCard)
     for bad in ([1, 2, 10**9], [1, -5], [2**70]):
         outs = run(engine, request(card, bad))
         assert outs[-1].finish_reason == FINISH_ERROR and "vocabulary" in outs[-1].error
-    too_long = [28] * (engine.context_per_sequence + 1)
+    too_long = [28] * (engine.capabilities().context_per_sequence + 1)
     outs = run(engine, request(card, too_long))
     assert outs[-1].finish_reason == FINISH_ERROR and "context" in outs[-1].error
     assert engine.in_flight == 0
@@ -308,7 +308,7 @@ def test_context_full_gives_length(engine: LlamaCppEngine, card: ModelCard) -> N
     extra = {"n_parallel": 2, "n_ctx": 512, "n_batch": 64}
     eng = create_engine(card, EngineConfig(extra=extra))
     try:
-        n_seq = eng.context_per_sequence
+        n_seq = eng.capabilities().context_per_sequence
         assert n_seq == 256
         ids = chat_ids(card, "Tell me about the moon.")
         ids = (ids * (n_seq // len(ids) + 1))[: n_seq - 3]

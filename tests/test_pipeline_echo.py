@@ -8,8 +8,8 @@ import asyncio
 import pytest
 
 from dynamo_run.echo import EchoEngine
+from dynamo_run.errors import RequestError
 from dynamo_run.pipeline.client import ModelClient, copy_for_choice
-from dynamo_run.pipeline.preprocess import RequestError
 from dynamo_run.protocol.openai import ChatCompletionRequest, CompletionRequest
 
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"

@@ -13,9 +13,9 @@ import pytest
 from pydantic import BaseModel
 
 from dynamo_run.echo import EchoEngine
+from dynamo_run.errors import RequestError
 from dynamo_run.pipeline.choices import complete_choices, expand_choices
 from dynamo_run.pipeline.client import Completion, ModelClient
-from dynamo_run.pipeline.preprocess import RequestError
 from dynamo_run.pipeline.responses import (
     TokenTexts,
     chat_completion_body,

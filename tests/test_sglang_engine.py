@@ -75,23 +75,25 @@ def request(**kw: Any) -> PreprocessedRequest:
 # --- machine and model checks -------------------------------------------------------------
 def test_unusable_reason_here_is_one_line() -> None:
     reason = unusable_reason()
-    if has_nvidia_gpu() and dynamo_run_sglang.importlib.util.find_spec("sglang"):
+    if has_nvidia_gpu() and dynamo_run_sglang.install.importlib.util.find_spec("sglang"):
         assert reason is None
         return
     assert reason is not None and "\n" not in reason and "sglang" in reason
-    if dynamo_run_sglang.importlib.util.find_spec("sglang") is None:
+    if dynamo_run_sglang.install.importlib.util.find_spec("sglang") is None:
         assert reason == "sglang is not installed: pip install 'dynamo-run[sglang]'"
     else:
         assert reason == "no NVIDIA GPU found (sglang needs CUDA)"
 
 
 def test_unusable_reason_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dynamo_run_sglang.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(dynamo_run_sglang.install.importlib.util, "find_spec", lambda name: None)
     assert unusable_reason() == "sglang is not installed: pip install 'dynamo-run[sglang]'"
 
 
 def test_unusable_reason_hidden_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dynamo_run_sglang.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(
+        dynamo_run_sglang.install.importlib.util, "find_spec", lambda name: object()
+    )
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert unusable_reason() == "no NVIDIA GPU found (sglang needs CUDA)"
 
@@ -106,7 +108,9 @@ def test_gguf_model_is_one_line_error() -> None:
 
 @pytest.mark.skipif(has_nvidia_gpu(), reason="this machine has a GPU")
 def test_no_gpu_is_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dynamo_run_sglang.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(
+        dynamo_run_sglang.install.importlib.util, "find_spec", lambda name: object()
+    )
     with pytest.raises(EngineError, match=r"^no NVIDIA GPU found \(sglang needs CUDA\)$"):
         create_engine(hf_card(), EngineConfig())
 
@@ -677,7 +681,7 @@ def test_real_sglang_launch_failure_is_one_line(server_args_cls: Any, tmp_path: 
         "import dynamo_run_sglang\n"
         "from dynamo_run.engine import EngineConfig, EngineError\n"
         "from dynamo_run_sglang.engine import SGLangEngine\n"
-        "dynamo_run_sglang.unusable_reason = lambda: None  # let it try\n"
+        "dynamo_run_sglang.install.unusable_reason = lambda: None  # let it try\n"
         "card = SimpleNamespace(kind='hf', path=Path(sys.argv[1]), context_length=2048)\n"
         "async def main():\n"
         "    try:\n"

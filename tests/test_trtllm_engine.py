@@ -84,7 +84,9 @@ def test_unusable_reason_here_is_one_line() -> None:
 
 
 def test_unusable_reason_hidden_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dynamo_run_trtllm.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(
+        dynamo_run_trtllm.install.importlib.util, "find_spec", lambda name: object()
+    )
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
     assert unusable_reason() == "no NVIDIA GPU found (trtllm needs CUDA)"
 

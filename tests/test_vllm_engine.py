@@ -195,7 +195,8 @@ def test_logprobs(engine, card) -> None:
 
 
 def test_json_schema_and_json_object(engine, card) -> None:
-    assert engine.supports_json_schema and engine.supports_json_object
+    can = engine.capabilities()
+    assert can.json_schema and can.json_object
     ids = chat_ids(card, "Which city is the capital of France? Answer in JSON.")
     schema = {
         "type": "object",

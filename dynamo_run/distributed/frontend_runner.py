@@ -11,6 +11,8 @@ import contextlib
 import os
 import sys
 
+from dynamo_run.errors import RunError
+from dynamo_run.model.card import CardOverrides
 from dynamo_run.pipeline.client import ModelClient
 from dynamo_run.spec import RunSpec
 
@@ -21,8 +23,12 @@ CLOSE_TIMEOUT_S = 5.0
 
 
 class RemoteOutput:
-    def __init__(self, spec: RunSpec) -> None:
+    """The NATS connection and remote models of one run; ``overrides``: the card settings
+    of the command line (chat template, parsers), applied to every worker's card."""
+
+    def __init__(self, spec: RunSpec, overrides: CardOverrides) -> None:
         self.spec = spec
+        self.overrides = overrides
         self.conn = None
         self.models = None
 
@@ -30,7 +36,6 @@ class RemoteOutput:
         from dynamo_run.distributed.frontend import RemoteModels, RouterSettings
         from dynamo_run.distributed.nats_connect import connect_nats
         from dynamo_run.kv_blocks import DEFAULT_BLOCK_SIZE
-        from dynamo_run.runner import RunError, card_overrides
 
         flags = self.spec.flags
         try:
@@ -62,7 +67,7 @@ class RemoteOutput:
             flags.migration_limit,
             self.spec.request_template,
             flags.generation_config,
-            card_overrides(self.spec),
+            self.overrides,
         )
         await self.models.start()
         if for_http:
@@ -70,8 +75,6 @@ class RemoteOutput:
         return await self._one_model()
 
     async def _one_model(self) -> ModelClient:
-        from dynamo_run.runner import RunError
-
         assert self.models is not None
         wanted = self.spec.flags.model_name
         client = await self.models.wait_for_model(wanted, 0.5)

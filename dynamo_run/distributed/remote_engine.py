@@ -9,7 +9,7 @@ the tokens already streamed to another instance, so the client sees one unbroken
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import msgspec
 
@@ -17,6 +17,7 @@ from dynamo_run.distributed.kv_router import KvRouter
 from dynamo_run.distributed.request_plane import RequestPlaneClient, WorkerFailed, WorkerLost
 from dynamo_run.distributed.router import Router
 from dynamo_run.distributed.wire import InstanceRecord, Work
+from dynamo_run.engine import Engine, EngineCapabilities
 from dynamo_run.pipeline.client import EngineUnavailable
 from dynamo_run.protocol.internal import (
     FINISH_ERROR,
@@ -39,10 +40,8 @@ class InstanceStats:
     def on_migration(self, model: str) -> None: ...
 
 
-class RemoteEngine:
+class RemoteEngine(Engine):
     """Streams one model's requests from the instances ``instances()`` returns."""
-
-    remote = True  # outputs name their worker instance (x-dynamo-worker)
 
     def __init__(
         self,
@@ -63,16 +62,17 @@ class RemoteEngine:
         self.stats = stats or InstanceStats()
         self.in_flight = 0
 
-    # Guided decoding: only when every live instance can enforce it, since any may be picked.
-    @property
-    def supports_json_object(self) -> bool:
+    def capabilities(self) -> EngineCapabilities:
+        """What the workers registered (their InstanceRecord). Guided decoding only when
+        every live instance can enforce it, since any may be picked. Outputs name their
+        worker (x-dynamo-worker). Embeddings are not on the request plane, and KV events
+        go from the workers to the router directly."""
         live = self.instances()
-        return bool(live) and all(r.supports_json_object for r in live)
-
-    @property
-    def supports_json_schema(self) -> bool:
-        live = self.instances()
-        return bool(live) and all(r.supports_json_schema for r in live)
+        return EngineCapabilities(
+            json_object=bool(live) and all(r.supports_json_object for r in live),
+            json_schema=bool(live) and all(r.supports_json_schema for r in live),
+            remote=True,
+        )
 
     def load(self) -> EngineLoad:
         live = self.instances()
@@ -82,7 +82,7 @@ class RemoteEngine:
             slots_busy=sum(r.load.slots_busy for r in live),
         )
 
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         prompt = list(request.token_ids)
         generated: list[int] = []
         tried: set[str] = set()
@@ -107,7 +107,7 @@ class RemoteEngine:
                     yield EngineOutput(finish_reason=FINISH_LENGTH)
                     return
                 self.stats.on_request(instance)
-                block_size = getattr(self.router, "block_size", 0)
+                block_size = self.router.block_size if isinstance(self.router, KvRouter) else 0
                 self.stats.on_route(instance, choice[1], choice[1] * block_size)
                 active: list = []
                 if isinstance(self.router, KvRouter):

@@ -8,9 +8,9 @@ frontend, routers and distributed pieces can be tested and benchmarked on any ma
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
-from dynamo_run.engine import KvEventSink
+from dynamo_run.engine import Engine, EngineCapabilities, KvEventSink
 from dynamo_run.mocker.block_pool import BlockPool
 from dynamo_run.mocker.config import MockerSettings
 from dynamo_run.mocker.scheduler import Scheduler, Sequence
@@ -22,11 +22,10 @@ from dynamo_run.protocol.internal import (
 )
 
 
-class MockerEngine:
+class MockerEngine(Engine):
     """The mocker. ``in_flight`` counts requests from their start (queued or running) until
-    their generator ends; ``pool`` and ``scheduler`` are open for inspection."""
-
-    supports_json_object = False
+    their generator ends; ``pool`` and ``scheduler`` are open for inspection. It reports
+    KV events; it has no grammar, so no guided decoding."""
 
     def __init__(
         self, settings: MockerSettings, words: list[int], context_length: int | None = None
@@ -37,10 +36,8 @@ class MockerEngine:
         self.scheduler = Scheduler(settings, self.pool, words)
         self.in_flight = 0
 
-    @property
-    def max_concurrency(self) -> int:
-        """Requests that run at once (in=batch sizes its concurrency from it)."""
-        return self.settings.max_num_seqs
+    def capabilities(self) -> EngineCapabilities:
+        return EngineCapabilities(kv_events=True, max_concurrency=self.settings.max_num_seqs)
 
     def set_kv_event_sink(self, sink: KvEventSink | None) -> None:
         self.pool.sink = sink
@@ -64,7 +61,7 @@ class MockerEngine:
             return room if room is not None else 0
         return limit if room is None else min(limit, room)
 
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         """One token per scheduler step until ``max_tokens`` (never EOS: ``stop_token_ids``,
         ``ignore_eos``, ``min_tokens`` and the sampling settings change nothing)."""
         self.in_flight += 1

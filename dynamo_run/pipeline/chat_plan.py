@@ -22,10 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from dynamo_run.errors import RequestError
 from dynamo_run.model.card import ModelCard
 from dynamo_run.parsers import detect_tool_call_parser
 from dynamo_run.pipeline.answer import OutputPlan
-from dynamo_run.pipeline.preprocess import RequestError
 from dynamo_run.protocol.openai import ChatCompletionRequest, NamedToolChoice
 
 # JSON Schema keywords every engine here enforces (llama.cpp's schema-to-grammar converter;

@@ -14,15 +14,17 @@ from typing import Any
 import msgspec
 
 from dynamo_run.engine import Engine
+from dynamo_run.errors import RequestError
 from dynamo_run.model.card import ModelCard
 from dynamo_run.parsers import ToolCall, ToolCallDelta
 from dynamo_run.pipeline.answer import AnswerParser, Parsed, ToolCallJoin
+from dynamo_run.pipeline.chat_plan import plan_chat
 from dynamo_run.pipeline.postprocess import (
     IncrementalDetokenizer,
     StopStringMatcher,
     openai_finish_reason,
 )
-from dynamo_run.pipeline.preprocess import PreparedRequest, Preprocessor, RequestError
+from dynamo_run.pipeline.preprocess import PreparedRequest, Preprocessor
 from dynamo_run.protocol.internal import FINISH_ERROR, TokenLogprob
 from dynamo_run.protocol.openai import ChatCompletionRequest
 
@@ -97,19 +99,16 @@ class ModelClient:
     def prepare_chat(self, req: ChatCompletionRequest) -> PreparedRequest:
         """A chat request checked against what this engine can do (tools, JSON formats),
         templated and tokenised; RequestError (HTTP 400) when it cannot be served."""
-        from dynamo_run.pipeline.chat_plan import plan_chat
-
-        engine = self.engine
+        can = self.engine.capabilities()
         guidance = plan_chat(
             req,
             self.card,
-            can_object=bool(getattr(engine, "supports_json_object", False)),
-            can_schema=bool(getattr(engine, "supports_json_schema", False)),
+            can_object=can.json_object,
+            can_schema=can.json_schema,
             engine=self.engine_name,
         )
-        check = getattr(engine, "check_json_schema", None)
-        if guidance.json_schema is not None and check is not None:
-            problem = check(guidance.json_schema)
+        if guidance.json_schema is not None:
+            problem = self.engine.check_json_schema(guidance.json_schema)
             if problem:
                 param = "tools" if guidance.plan and guidance.plan.forced else "response_format"
                 raise RequestError(f"the JSON schema cannot be enforced: {problem}", param=param)

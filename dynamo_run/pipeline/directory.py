@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from prometheus_client.registry import Collector
+
 from dynamo_run.pipeline.client import ModelClient
 
 
@@ -25,6 +27,10 @@ class ModelDirectory(Protocol):
         """Where models are looked for, for error messages ("" for a local model)."""
         ...
 
+    def metrics_collector(self) -> Collector | None:
+        """Series of its own for the server's /metrics (per worker instance), if any."""
+        ...
+
 
 class SingleModel:
     """A directory of one local model."""
@@ -39,3 +45,6 @@ class SingleModel:
 
     def get(self, name: str) -> ModelClient | None:
         return self.client if name == self.client.card.name else None
+
+    def metrics_collector(self) -> Collector | None:
+        return None  # the engine's gauges are the server's (FrontendMetrics.watch_engine)

@@ -7,11 +7,14 @@ import contextlib
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from dynamo_run.errors import RequestError
 from dynamo_run.model.card import ModelCard
 from dynamo_run.model.generation_defaults import GenerationDefaults, resolve_generation_defaults
 from dynamo_run.model.template import TemplateError
+from dynamo_run.pipeline.answer import OutputPlan
+from dynamo_run.pipeline.chat_plan import Guidance, plan_chat
 from dynamo_run.protocol.internal import PreprocessedRequest, SamplingOptions, StopConditions
 from dynamo_run.protocol.openai import (
     ChatCompletionRequest,
@@ -19,19 +22,6 @@ from dynamo_run.protocol.openai import (
     CompletionRequest,
     SamplingFields,
 )
-
-if TYPE_CHECKING:
-    from dynamo_run.pipeline.answer import OutputPlan
-    from dynamo_run.pipeline.chat_plan import Guidance
-
-
-class RequestError(ValueError):
-    """The request is invalid for this model (HTTP 400). ``param`` names the field."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-        self.code = code
 
 
 @dataclass
@@ -181,8 +171,6 @@ class Preprocessor:
         """The engine request for a chat request. ``guidance`` (see ``ModelClient.prepare_chat``,
         which checks it against the engine) is worked out here when not given."""
         if guidance is None:
-            from dynamo_run.pipeline.chat_plan import plan_chat
-
             guidance = plan_chat(req, self.card, can_object=True, can_schema=True)
         messages = [_template_message(m) for m in req.messages]
         prompt = self.render_chat(messages, tools=req.tools)

@@ -16,9 +16,10 @@ from typing import Any, Protocol
 
 from tokenizers import Tokenizer
 
+from dynamo_run.errors import RequestError
 from dynamo_run.parsers import ToolCall
 from dynamo_run.pipeline.client import Completion, ModelClient
-from dynamo_run.pipeline.preprocess import PreparedRequest, RequestError
+from dynamo_run.pipeline.preprocess import PreparedRequest
 from dynamo_run.protocol.internal import TokenLogprob
 from dynamo_run.protocol.openai import EmbeddingRequest
 

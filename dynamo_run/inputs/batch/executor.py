@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Any
 
+from dynamo_run.errors import RequestError
 from dynamo_run.inputs.batch.lines import (
     FORM_OPENAI,
     URL_CHAT,
@@ -21,7 +22,7 @@ from dynamo_run.inputs.batch.lines import (
 from dynamo_run.inputs.batch.records import error_record, openai_record, text_record
 from dynamo_run.pipeline.choices import complete_choices, expand_choices
 from dynamo_run.pipeline.client import EngineFailure, ModelClient
-from dynamo_run.pipeline.preprocess import RequestError, new_request_id
+from dynamo_run.pipeline.preprocess import new_request_id
 from dynamo_run.pipeline.responses import (
     TokenTexts,
     chat_completion_body,
@@ -127,9 +128,9 @@ class BatchExecutor:
         return body, prompts[0].engine_request.request_id
 
     async def _embedding_body(self, req: EmbeddingRequest) -> tuple[dict[str, Any], str]:
-        embed = getattr(self.client.engine, "embed", None)
-        if embed is None:
+        engine = self.client.engine
+        if not engine.capabilities().embeddings:
             raise LineError("not_supported", f"out={self.engine_name} cannot compute embeddings")
         token_ids = embedding_token_ids(self.client, req)
-        vectors = await embed(token_ids)
+        vectors = await engine.embed(token_ids)
         return embedding_body(self.model, req, token_ids, vectors), new_request_id()

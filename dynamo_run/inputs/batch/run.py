@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from dynamo_run.errors import RunError
 from dynamo_run.inputs.batch.executor import BatchExecutor
 from dynamo_run.inputs.batch.lines import LineError, parse_line
 from dynamo_run.inputs.batch.progress import BatchProgress, Tally
@@ -38,7 +39,6 @@ from dynamo_run.inputs.batch.resume import (
     scan_input,
 )
 from dynamo_run.pipeline.client import ModelClient
-from dynamo_run.runner import RunError
 from dynamo_run.spec import RunSpec, SpecError
 
 log = logging.getLogger("dynamo_run.batch")
@@ -132,8 +132,8 @@ class LineWriter:
 def _concurrency(spec: RunSpec, client: ModelClient) -> int:
     if spec.flags.batch_concurrency:
         return spec.flags.batch_concurrency
-    engine_max = getattr(client.engine, "max_concurrency", None)
-    if isinstance(engine_max, int) and engine_max > 0:
+    engine_max = client.engine.capabilities().max_concurrency
+    if engine_max is not None and engine_max > 0:
         return engine_max
     return DEFAULT_CONCURRENCY
 

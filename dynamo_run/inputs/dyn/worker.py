@@ -22,6 +22,7 @@ from dynamo_run.distributed.discovery import DEFAULT_LEASE_S, Registration
 from dynamo_run.distributed.kv_events import KvEventPublisher, ensure_kv_stream, kv_subject
 from dynamo_run.distributed.request_plane import EndpointServer
 from dynamo_run.distributed.wire import InstanceRecord, instance_subject
+from dynamo_run.errors import RunError
 from dynamo_run.model.card_wire import card_digest, card_to_bytes
 from dynamo_run.pipeline.client import ModelClient
 from dynamo_run.protocol.internal import EngineLoad
@@ -34,8 +35,7 @@ LEASE_S = float(os.environ.get("DYN_LEASE_S", str(DEFAULT_LEASE_S)))
 
 
 def _engine_load(client: ModelClient, server: EndpointServer) -> EngineLoad:
-    load_fn = getattr(client.engine, "load", None)
-    load = load_fn() if callable(load_fn) else EngineLoad()
+    load = client.engine.load()
     return EngineLoad(
         in_flight=server.in_flight,
         slots_total=load.slots_total,
@@ -47,7 +47,6 @@ def _engine_load(client: ModelClient, server: EndpointServer) -> EngineLoad:
 
 async def run_worker(loading: asyncio.Task[ModelClient], spec: RunSpec) -> int:
     from dynamo_run.distributed.nats_connect import NatsError, connect_nats
-    from dynamo_run.runner import RunError
 
     endpoint = spec.input.endpoint
     assert endpoint is not None
@@ -65,6 +64,7 @@ async def run_worker(loading: asyncio.Task[ModelClient], spec: RunSpec) -> int:
     instance_id = uuid.uuid4().hex[:16]
     subject = instance_subject(endpoint.namespace, endpoint.component, endpoint.name, instance_id)
     server = EndpointServer(nc, subject, client.engine, instance_id)
+    can = client.engine.capabilities()
     card_bytes = card_to_bytes(client.card)
     now = time.time()
     record = InstanceRecord(
@@ -74,15 +74,15 @@ async def run_worker(loading: asyncio.Task[ModelClient], spec: RunSpec) -> int:
         endpoint=endpoint.name,
         subject=subject,
         model=client.card.name,
-        engine=getattr(client, "engine_name", "") or type(client.engine).__name__,
+        engine=client.engine_name or type(client.engine).__name__,
         host=socket.gethostname(),
         pid=os.getpid(),
         card_digest=card_digest(card_bytes),
         started_at=now,
         updated_at=now,
         lease_s=LEASE_S,
-        supports_json_object=bool(getattr(client.engine, "supports_json_object", False)),
-        supports_json_schema=bool(getattr(client.engine, "supports_json_schema", False)),
+        supports_json_object=can.json_object,
+        supports_json_schema=can.json_schema,
     )
 
     def refresh(rec: InstanceRecord) -> None:
@@ -95,13 +95,14 @@ async def run_worker(loading: asyncio.Task[ModelClient], spec: RunSpec) -> int:
         loop.add_signal_handler(sig, stop.set)
     publisher = None
     try:
-        set_sink = getattr(client.engine, "set_kv_event_sink", None)
-        if callable(set_sink):  # the engine reports its KV cache: routers can use it
+        if can.kv_events:  # the engine reports its KV cache: routers can use it
             await ensure_kv_stream(nc)
             publisher = KvEventPublisher(
                 nc, kv_subject(endpoint.namespace, endpoint.component, endpoint.name, instance_id)
             )
-            set_sink(publisher)
+            client.engine.set_kv_event_sink(publisher)
+        else:
+            log.info("the engine reports no KV events: KV-aware routers see none of its cache")
         await server.start()
         await registration.start()
         print(

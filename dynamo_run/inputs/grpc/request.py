@@ -19,10 +19,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from dynamo_run.errors import RequestError
 from dynamo_run.inputs.grpc.proto import grpc_service_pb2 as pb
 from dynamo_run.inputs.grpc.tensors import Tensor, TensorError, decode_inputs, parameter_value
 from dynamo_run.pipeline.client import ModelClient
-from dynamo_run.pipeline.preprocess import PreparedRequest, RequestError
+from dynamo_run.pipeline.preprocess import PreparedRequest
 from dynamo_run.protocol.openai import ChatCompletionRequest, CompletionRequest
 
 TEXT_INPUT = "text_input"

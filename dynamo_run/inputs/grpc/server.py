@@ -18,8 +18,9 @@ from typing import Any
 
 import grpc
 
-from dynamo_run.inputs.grpc.service import GrpcModels, InferenceService
-from dynamo_run.metrics import FrontendMetrics
+from dynamo_run.inputs.grpc.service import InferenceService
+from dynamo_run.inputs.http.server import run_http
+from dynamo_run.pipeline.serving import ServedModels, describe, load_failed
 from dynamo_run.spec import RunSpec
 
 log = logging.getLogger("dynamo_run.grpc")
@@ -54,13 +55,11 @@ def _credentials(spec: RunSpec) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)])
 
 
-async def start_grpc(
-    loading: asyncio.Task[Any], spec: RunSpec, metrics: FrontendMetrics, watch: bool
-) -> tuple[grpc.aio.Server, int]:
+async def start_grpc(models: ServedModels, spec: RunSpec) -> tuple[grpc.aio.Server, int]:
     """A started server on --grpc-host/--grpc-port, and the port it listens on."""
     flags = spec.flags
     api_key = flags.api_key or None  # --api-key / DYN_API_KEY
-    service = InferenceService(GrpcModels(loading, metrics, watch), metrics, api_key)
+    service = InferenceService(models, api_key)
     server = grpc.aio.server(options=_OPTIONS)
     server.add_generic_rpc_handlers((service.handler(),))
     address = _address(flags.grpc_host, flags.grpc_port)
@@ -108,10 +107,8 @@ def _fail(message: str) -> int:
 
 async def run_grpc(loading: asyncio.Task[Any], spec: RunSpec) -> int:
     """``in=grpc``: serve until a signal (exit 0) or a failed model load (exit 1)."""
-    from dynamo_run.inputs.http.server import _load_failed, _what
-
     try:
-        server, port = await start_grpc(loading, spec, FrontendMetrics(), watch=True)
+        server, port = await start_grpc(ServedModels(loading), spec)
     except GrpcStartError as exc:
         return _fail(str(exc))
     stop = asyncio.Event()
@@ -123,8 +120,8 @@ async def run_grpc(loading: asyncio.Task[Any], spec: RunSpec) -> int:
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if loading.done() and not stopping.done():
             if loading.cancelled() or loading.exception() is not None:
-                return _load_failed(loading)
-            _announce(loading.result(), spec, port, _what)
+                return load_failed(loading)
+            _announce(loading.result(), spec, port)
             await stopping
         return 0
     finally:
@@ -135,32 +132,30 @@ async def run_grpc(loading: asyncio.Task[Any], spec: RunSpec) -> int:
 
 
 async def run_http_grpc(loading: asyncio.Task[Any], spec: RunSpec) -> int:
-    """``in=http,grpc``: both servers on one pipeline; the HTTP server owns the lifetime
-    (signals, failed loads) and the metrics registry (/metrics)."""
-    from dynamo_run.inputs.http.app import ServerState
-    from dynamo_run.inputs.http.server import _what, run_http
-
-    state = ServerState(loading, FrontendMetrics())
+    """``in=http,grpc``: both servers over one set of served models (and so one metrics
+    registry, whose /metrics is on the HTTP port); the HTTP server owns the lifetime
+    (signals, failed loads)."""
+    models = ServedModels(loading)
     try:
-        server, port = await start_grpc(loading, spec, state.metrics, watch=False)
+        server, port = await start_grpc(models, spec)
     except GrpcStartError as exc:
         return _fail(str(exc))
 
     def announce(task: asyncio.Task[Any]) -> None:
         if not task.cancelled() and task.exception() is None:
-            _announce(task.result(), spec, port, _what)
+            _announce(task.result(), spec, port)
 
     loading.add_done_callback(announce)
     try:
-        return await run_http(loading, spec, state)
+        return await run_http(loading, spec, models)
     finally:
         await server.stop(GRACEFUL_SHUTDOWN_S)
 
 
-def _announce(loaded: Any, spec: RunSpec, port: int, what: Any) -> None:
+def _announce(loaded: Any, spec: RunSpec, port: int) -> None:
     scheme = "grpcs" if spec.flags.tls_cert_path else "grpc"
     print(
-        f"dynamo-run: serving {what(loaded)} over KServe gRPC at {scheme}://{grpc_url(spec, port)}",
+        f"dynamo-run: serving {describe(loaded)} over KServe gRPC at {scheme}://{grpc_url(spec, port)}",
         file=sys.stderr,
         flush=True,
     )

@@ -39,7 +39,12 @@ from dynamo_run.inputs.grpc.tensors import (
 )
 from dynamo_run.metrics import FrontendMetrics
 from dynamo_run.pipeline.client import Delta, EngineFailure, EngineUnavailable, ModelClient
-from dynamo_run.pipeline.directory import ModelDirectory, SingleModel
+from dynamo_run.pipeline.serving import (
+    ModelNotFound,
+    ModelRequired,
+    ServedModels,
+    ServingError,
+)
 
 log = logging.getLogger("dynamo_run.grpc")
 
@@ -81,68 +86,12 @@ class RpcError(Exception):
         self.message = message
 
 
-class GrpcModels:
-    """The models being served, seen from gRPC: UNAVAILABLE until loaded, then one local
-    model or the directory of remote ones (``out=dyn``)."""
-
-    def __init__(self, loading: asyncio.Task[Any], metrics: FrontendMetrics, watch: bool) -> None:
-        self.loading = loading
-        self.metrics = metrics
-        self.watch = watch  # register the engine's gauges (False when HTTP already does)
-        self.directory: ModelDirectory | None = None
-
-    def loaded(self) -> ModelDirectory | None:
-        if self.directory is None and self.loading.done():
-            if self.loading.cancelled() or self.loading.exception() is not None:
-                return None
-            result = self.loading.result()
-            if isinstance(result, ModelClient):
-                self.directory = SingleModel(result)
-                if self.watch:
-                    self.metrics.watch_engine(result.card.name, result.engine)
-            else:
-                self.directory = result
-                collector = getattr(result, "metrics_collector", None)
-                if self.watch and collector is not None:
-                    self.metrics.registry.register(collector())
-        return self.directory
-
-    def ready_directory(self) -> ModelDirectory:
-        directory = self.loaded()
-        if directory is None:
-            if self.loading.done():
-                raise RpcError(grpc.StatusCode.UNAVAILABLE, "the model failed to load")
-            raise RpcError(grpc.StatusCode.UNAVAILABLE, "the model is loading; retry shortly")
-        return directory
-
-    def client(self, name: str, version: str = "") -> ModelClient:
-        directory = self.ready_directory()
-        names = directory.names()
-        if not name and len(names) == 1:
-            name = names[0]
-        if version not in ("", MODEL_VERSION):
-            raise RpcError(
-                grpc.StatusCode.NOT_FOUND,
-                f"model '{name}' has no version '{version}'; its only version is {MODEL_VERSION}",
-            )
-        client = directory.get(name) if name else None
-        if client is not None:
-            return client
-        if directory.where:
-            raise RpcError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"no live instance serves model '{name}' in {directory.where}",
-            )
-        served = ", ".join(f"'{n}'" for n in names)
+def _check_version(name: str, version: str) -> None:
+    if version not in ("", MODEL_VERSION):
         raise RpcError(
             grpc.StatusCode.NOT_FOUND,
-            f"model '{name}' is not served here; this server serves {served}",
+            f"model '{name}' has no version '{version}'; its only version is {MODEL_VERSION}",
         )
-
-    def model_name(self) -> str:
-        directory = self.loaded()
-        names = directory.names() if directory is not None else []
-        return names[0] if len(names) == 1 else ""
 
 
 def _tensor_metadata(name: str, datatype: str, shape: list[int]) -> Any:
@@ -176,6 +125,12 @@ def _status_of(exc: BaseException) -> RpcError:
         return exc
     if isinstance(exc, TensorError):
         return RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, ServingError):
+        if isinstance(exc, ModelNotFound):
+            return RpcError(grpc.StatusCode.NOT_FOUND, str(exc))
+        if isinstance(exc, ModelRequired):
+            return RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return RpcError(grpc.StatusCode.UNAVAILABLE, str(exc))  # NotReady, NoInstances
     if isinstance(exc, EngineUnavailable):
         return RpcError(grpc.StatusCode.UNAVAILABLE, str(exc))
     if isinstance(exc, EngineFailure):
@@ -244,12 +199,16 @@ class InferenceService:
     KEY`` or ``x-api-key: KEY``) by every RPC except the health checks (ServerLive,
     ServerReady, ModelReady), as HTTP leaves /health open."""
 
-    def __init__(
-        self, models: GrpcModels, metrics: FrontendMetrics, api_key: str | None = None
-    ) -> None:
+    def __init__(self, models: ServedModels, api_key: str | None = None) -> None:
         self.models = models
-        self.metrics = metrics
+        self.metrics: FrontendMetrics = models.metrics
         self.api_key = api_key.encode() if api_key else None
+
+    def _client(self, name: str, version: str) -> ModelClient:
+        """The client for a request's model_name / model_version ("": the only model)."""
+        client = self.models.lookup(name)
+        _check_version(client.card.name, version)
+        return client
 
     # --- the service table -----------------------------------------------------------
     def handler(self) -> grpc.GenericRpcHandler:
@@ -319,7 +278,7 @@ class InferenceService:
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         def answer() -> Any:
-            client = self.models.client(request.name, request.version)
+            client = self._client(request.name, request.version)
             return pb.ModelMetadataResponse(
                 name=client.card.name,
                 versions=[MODEL_VERSION],
@@ -332,7 +291,7 @@ class InferenceService:
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._unary(context, lambda: pb.ModelConfigResponse(
-            config=_model_config(self.models.client(request.name, request.version))
+            config=_model_config(self._client(request.name, request.version))
         ))  # fmt: skip
 
     async def _unary(self, context: grpc.aio.ServicerContext, answer: Any) -> Any:
@@ -353,7 +312,7 @@ class InferenceService:
         model = self.models.model_name()
         try:
             self._authorize(context)
-            client = self.models.client(request.model_name, request.model_version)
+            client = self._client(request.model_name, request.model_version)
             model = client.card.name
             parsed = parse_infer_request(request)
             answer = _Answer(request, client, parsed)
@@ -445,7 +404,7 @@ class InferenceService:
         status, stream_type = "OK", "unary"
         model = self.models.model_name()
         try:
-            client = self.models.client(request.model_name, request.model_version)
+            client = self._client(request.model_name, request.model_version)
             model = client.card.name
             parsed = parse_infer_request(request)
             stream_type = "stream" if parsed.stream else "unary"

@@ -6,7 +6,6 @@ before validation; the OpenAPI document still describes them (see ``_openapi``).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -24,9 +23,7 @@ from dynamo_run.inputs.http.errors import ApiError, install_error_handlers, vali
 from dynamo_run.inputs.http.generate import Generation, collect, sse_events, unless_disconnected
 from dynamo_run.inputs.http.middleware import ServerMiddleware, request_info
 from dynamo_run.inputs.http.render import ChatChunks, CompletionChunks, dumps
-from dynamo_run.metrics import FrontendMetrics
 from dynamo_run.pipeline.client import Completion, ModelClient
-from dynamo_run.pipeline.directory import ModelDirectory, SingleModel
 from dynamo_run.pipeline.preprocess import new_request_id
 from dynamo_run.pipeline.responses import (
     TokenTexts,
@@ -35,6 +32,7 @@ from dynamo_run.pipeline.responses import (
     embedding_token_ids,
     text_completion_body,
 )
+from dynamo_run.pipeline.serving import ServedModels
 from dynamo_run.protocol.openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -54,95 +52,14 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 MAX_BODY_BYTES = 32 << 20  # larger bodies get a 413
 
 
-class ServerState:
-    """The loading model(s) and what the routes share. ``ready`` answers 503 until loaded.
-
-    ``loading`` gives one local model (a ModelClient) or a directory of models (``out=dyn``:
-    whatever live workers serve)."""
-
-    def __init__(
-        self,
-        loading: asyncio.Task[ModelClient | ModelDirectory],
-        metrics: FrontendMetrics | None = None,
-    ) -> None:
-        self.loading = loading
-        self.metrics = metrics or FrontendMetrics()
-        self.created = int(time.time())
-        self.directory: ModelDirectory | None = None
-        loading.add_done_callback(self._loaded)
-
-    def _loaded(self, task: asyncio.Task[ModelClient | ModelDirectory]) -> None:
-        if self.directory is not None or task.cancelled() or task.exception() is not None:
-            return
-        result = task.result()
-        if isinstance(result, ModelClient):
-            self.directory = SingleModel(result)
-            self.metrics.watch_engine(result.card.name, result.engine)
-        else:
-            self.directory = result
-            collector = getattr(result, "metrics_collector", None)
-            if collector is not None:
-                self.metrics.registry.register(collector())
-
-    def model_name(self) -> str:
-        """The metrics label: the model's name when one model is served."""
-        names = self.directory.names() if self.directory is not None else []
-        return names[0] if len(names) == 1 else ""
-
-    def loaded(self) -> ModelDirectory | None:
-        """The directory once loaded. The done callback runs a loop turn after the task
-        ends, so a request in between looks at the task itself."""
-        if self.directory is None and self.loading.done():
-            self._loaded(self.loading)
-        return self.directory
-
-    def ready_directory(self) -> ModelDirectory:
-        directory = self.loaded()
-        if directory is None:
-            if self.loading.done():
-                raise ApiError(503, "the model failed to load", code="model_load_failed")
-            raise ApiError(
-                503, "the model is loading; retry shortly", code="model_loading",
-                headers={"retry-after": "1"},
-            )  # fmt: skip
-        return directory
-
-    def ready(self, name: Any = None) -> ModelClient:
-        """The client for the requested model (``None``: the only one served)."""
-        directory = self.ready_directory()
-        names = directory.names()
-        if not isinstance(name, str):  # absent, or not a string (validation reports it)
-            if len(names) == 1:
-                return directory.get(names[0])  # type: ignore[return-value]
-            if not names:
-                raise ApiError(
-                    503, f"no live instance serves any model in {directory.where}",
-                    code="no_instances", headers={"retry-after": "1"},
-                )  # fmt: skip
-            raise ApiError(
-                400, f"`model` is required: this server serves {', '.join(names)}",
-                param="model",
-            )  # fmt: skip
-        client = directory.get(name)
-        if client is not None:
-            return client
-        if directory.where:
-            raise ApiError(
-                503, f"no live instance serves model `{name}` in {directory.where}",
-                param="model", code="no_instances", headers={"retry-after": "1"},
-            )  # fmt: skip
-        raise ApiError(
-            404,
-            f"The model `{name}` does not exist; this server serves `{names[0]}`.",
-            param="model",
-            code="model_not_found",
-        )
-
-    async def client_and_body(self, request: Request) -> tuple[ModelClient, dict[str, Any]]:
-        """503 while loading (before reading the body), then the body's model's client."""
-        self.ready_directory()
-        body = await _body(request)
-        return self.ready(body.get("model")), body
+async def _client_and_body(
+    models: ServedModels, request: Request
+) -> tuple[ModelClient, dict[str, Any]]:
+    """503 while loading (before reading the body), then the client of the body's model."""
+    models.directory()
+    body = await _body(request)
+    name = body.get("model")  # not a string: as if absent (validation then reports it)
+    return models.lookup(name if isinstance(name, str) else None), body
 
 
 class SSEResponse(StreamingResponse):
@@ -269,8 +186,9 @@ def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
-def create_app(state: ServerState, api_key: str | None = None) -> ServerMiddleware:
-    """The ASGI application: FastAPI routes wrapped in the server middleware."""
+def create_app(models: ServedModels, api_key: str | None = None) -> ServerMiddleware:
+    """The ASGI application: FastAPI routes wrapped in the server middleware. ``models``
+    may be shared with another input of the process (in=http,grpc)."""
     app = FastAPI(
         title="dynamo-run",
         version=__version__,
@@ -283,17 +201,17 @@ def create_app(state: ServerState, api_key: str | None = None) -> ServerMiddlewa
         CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"]
     )
     install_error_handlers(app)
-    metrics = state.metrics
+    metrics = models.metrics
 
     @app.get("/health", responses={503: {"description": "The model is loading"}})
     async def health() -> Response:
         """200 once the model is loaded, 503 (with a JSON body) before."""
-        return _health(state)
+        return _health(models)
 
     @app.get("/live", responses={503: {"description": "The model is loading"}})
     async def live() -> Response:
         """Same as /health: the server can answer requests."""
-        return _health(state)
+        return _health(models)
 
     @app.get("/metrics", response_class=Response)
     async def prometheus() -> Response:
@@ -303,16 +221,14 @@ def create_app(state: ServerState, api_key: str | None = None) -> ServerMiddlewa
 
     @app.get("/v1/models", responses={200: {"model": ModelList}, **_ERRORS})
     async def list_models() -> Response:
-        directory = state.ready_directory()
-        clients = [c for name in directory.names() if (c := directory.get(name)) is not None]
-        return _json(ModelList(data=[_model_info(state, c) for c in clients]))
+        return _json(ModelList(data=[_model_info(models, c) for c in models.clients()]))
 
     @app.get("/v1/models/{model_id:path}", responses={200: {"model": ModelInfo}, **_ERRORS})
     async def get_model(model_id: str) -> Response:
-        client = state.ready_directory().get(model_id)
+        client = models.directory().get(model_id)
         if client is None:
             raise ApiError(404, f"The model `{model_id}` does not exist.", code="model_not_found")
-        return _json(_model_info(state, client))
+        return _json(_model_info(models, client))
 
     @app.post(
         "/v1/chat/completions",
@@ -322,7 +238,7 @@ def create_app(state: ServerState, api_key: str | None = None) -> ServerMiddlewa
     async def chat_completions(request: Request) -> Response:
         """Chat completion, streamed (SSE) or whole."""
         arrival = time.perf_counter()
-        client, body = await state.client_and_body(request)
+        client, body = await _client_and_body(models, request)
         info = request_info(request.scope)
         req = _parse(client, body, ChatCompletionRequest)
         prepared = client.prepare_chat(req)  # tools, response_format: 400 if unservable
@@ -346,7 +262,7 @@ def create_app(state: ServerState, api_key: str | None = None) -> ServerMiddlewa
     async def completions(request: Request) -> Response:
         """Text completion of one prompt or a batch of prompts, streamed (SSE) or whole."""
         arrival = time.perf_counter()
-        client, body = await state.client_and_body(request)
+        client, body = await _client_and_body(models, request)
         info = request_info(request.scope)
         req = _parse(client, body, CompletionRequest)
         prompts = client.preprocessor.completion(req)
@@ -373,7 +289,7 @@ def create_app(state: ServerState, api_key: str | None = None) -> ServerMiddlewa
     )
     async def embeddings(request: Request) -> Response:
         """Embeddings, for engines that can compute them."""
-        client, body = await state.client_and_body(request)
+        client, body = await _client_and_body(models, request)
         req = _parse(client, body, EmbeddingRequest)
         return await _embeddings(request, client, req)
 
@@ -383,18 +299,18 @@ def create_app(state: ServerState, api_key: str | None = None) -> ServerMiddlewa
         ("POST", "/v1/completions"): completions,
         ("POST", "/v1/embeddings"): embeddings,
     }
-    return ServerMiddleware(app, metrics, state.model_name, api_key, fast_routes)
+    return ServerMiddleware(app, metrics, models.model_name, api_key, fast_routes)
 
 
-def _health(state: ServerState) -> Response:
-    directory = state.loaded()
+def _health(models: ServedModels) -> Response:
+    directory = models.loaded()
     if directory is not None:
         names = directory.names()
         body: dict[str, Any] = {"status": "healthy", "model": names[0] if names else None}
         if directory.where:
             body["models"] = names
         return _json_body(body)
-    failed = state.loading.done()
+    failed = models.loading.done()
     body = {
         "status": "failed" if failed else "loading",
         "message": "the model failed to load" if failed else "the model is loading",
@@ -402,10 +318,10 @@ def _health(state: ServerState) -> Response:
     return _json_body(body, 503)
 
 
-def _model_info(state: ServerState, client: ModelClient) -> ModelInfo:
+def _model_info(models: ServedModels, client: ModelClient) -> ModelInfo:
     return ModelInfo(
         id=client.card.name,
-        created=state.created,
+        created=models.created,
         max_model_len=client.card.context_length,
         generation_defaults=client.preprocessor.defaults.describe(),
     )
@@ -422,7 +338,7 @@ def _token_texts(client: ModelClient, top_n: int | None) -> TokenTexts | None:
 
 def _stream(gen: Generation, chunks: ChatChunks | CompletionChunks) -> Response:
     gen.info.request_type = "stream"
-    if not getattr(gen.client.engine, "remote", False):
+    if not gen.client.engine.capabilities().remote:
         return SSEResponse(sse_events(gen, chunks))
     gen.hold_opening = True
     return SSEResponse(
@@ -447,11 +363,12 @@ async def _whole(
 
 
 async def _embeddings(request: Request, client: ModelClient, req: EmbeddingRequest) -> Response:
-    embed = getattr(client.engine, "embed", None)
-    if embed is None:
+    if not client.engine.capabilities().embeddings:
         raise ApiError(400, "model does not support embeddings", param="model")
     token_ids = embedding_token_ids(client, req)
-    vectors = await unless_disconnected(request, embed(token_ids), request_info(request.scope))
+    vectors = await unless_disconnected(
+        request, client.engine.embed(token_ids), request_info(request.scope)
+    )
     if vectors is None:
         return Response(status_code=204)
     return _json_body(embedding_body(client.card.name, req, token_ids, vectors))

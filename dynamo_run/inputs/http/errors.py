@@ -16,8 +16,15 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from dynamo_run.errors import RequestError
 from dynamo_run.pipeline.client import EngineFailure, EngineUnavailable
-from dynamo_run.pipeline.preprocess import RequestError
+from dynamo_run.pipeline.serving import (
+    ModelNotFound,
+    ModelRequired,
+    NoInstances,
+    NotReady,
+    ServingError,
+)
 
 log = logging.getLogger("dynamo_run.http")
 
@@ -89,6 +96,25 @@ def request_error(exc: RequestError) -> ApiError:
     return ApiError(400, str(exc), param=exc.param, code=exc.code)
 
 
+def serving_error(exc: ServingError) -> ApiError:
+    """The models cannot serve the request: loading (503), which model (400, 404), no
+    worker for it now (503)."""
+    if isinstance(exc, NotReady):
+        if exc.failed:
+            return ApiError(503, str(exc), code="model_load_failed")
+        return ApiError(503, str(exc), code="model_loading", headers={"retry-after": "1"})
+    if isinstance(exc, NoInstances):
+        param = None if exc.name is None else "model"
+        return ApiError(
+            503, str(exc), param=param, code="no_instances", headers={"retry-after": "1"}
+        )
+    if isinstance(exc, ModelNotFound):
+        return ApiError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, ModelRequired):
+        return ApiError(400, str(exc), param="model")
+    return ApiError(503, str(exc))
+
+
 def engine_error(exc: EngineFailure) -> ApiError:
     if isinstance(exc, EngineUnavailable):
         return ApiError(503, str(exc), code="no_instances", headers={"retry-after": "1"})
@@ -103,6 +129,8 @@ def known_error(exc: Exception, method: str = "", path: str = "") -> ApiError | 
         return validation_error(exc)
     if isinstance(exc, RequestError):
         return request_error(exc)
+    if isinstance(exc, ServingError):
+        return serving_error(exc)
     if isinstance(exc, EngineFailure):
         log.error("%s %s: engine failure: %s", method, path, exc)
         return engine_error(exc)
@@ -133,6 +161,7 @@ def install_error_handlers(app: FastAPI) -> None:
         ValidationError,
         RequestValidationError,
         RequestError,
+        ServingError,
         EngineFailure,
         StarletteHTTPException,
     ):

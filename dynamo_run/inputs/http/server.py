@@ -19,10 +19,9 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from dynamo_run.inputs.http.app import ServerState, create_app
-from dynamo_run.metrics import FrontendMetrics
+from dynamo_run.inputs.http.app import create_app
 from dynamo_run.pipeline.client import ModelClient
-from dynamo_run.pipeline.directory import ModelDirectory
+from dynamo_run.pipeline.serving import ServedModels, describe, load_failed
 from dynamo_run.spec import RunSpec
 
 log = logging.getLogger("dynamo_run.http")
@@ -106,17 +105,17 @@ def _fail(message: str) -> int:
 
 
 async def run_http(
-    loading: asyncio.Task[ModelClient], spec: RunSpec, state: ServerState | None = None
+    loading: asyncio.Task[ModelClient], spec: RunSpec, models: ServedModels | None = None
 ) -> int:
-    """Serve until a signal (exit 0) or a failed model load (exit 1). ``state``: one shared
-    with another input of the process (in=http,grpc), for its metrics registry."""
+    """Serve until a signal (exit 0) or a failed model load (exit 1). ``models``: shared
+    with another input of the process (in=http,grpc), with its metrics registry."""
     flags = spec.flags
     api_key = flags.api_key or None  # --api-key / DYN_API_KEY
     _quiet_uvicorn(flags.verbosity)
-    state = state or ServerState(loading, FrontendMetrics())
+    models = models or ServedModels(loading)
     tls = flags.tls_cert_path is not None
     config = uvicorn.Config(
-        create_app(state, api_key),
+        create_app(models, api_key),
         log_config=None,
         access_log=False,
         lifespan="off",
@@ -145,9 +144,9 @@ async def run_http(
             if loading.cancelled() or loading.exception() is not None:
                 server.should_exit = True
                 await serving
-                return _load_failed(loading)
+                return load_failed(loading)
             print(
-                f"dynamo-run: serving {_what(loading.result())} at {url}",
+                f"dynamo-run: serving {describe(loading.result())} at {url}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -157,27 +156,8 @@ async def run_http(
     finally:
         sock.close()
     if loading.done() and not loading.cancelled() and loading.exception() is not None:
-        return _load_failed(loading)
+        return load_failed(loading)
     return 0
-
-
-def _what(loaded: ModelClient | ModelDirectory) -> str:
-    if isinstance(loaded, ModelClient):
-        return loaded.card.name
-    return f"the models of the workers in {loaded.where}"
-
-
-def _load_failed(loading: asyncio.Task[ModelClient]) -> int:
-    """Exit code after a failed load. The runner re-raises its own RunError and the CLI
-    prints it as one line; anything else is printed here, once, without a traceback."""
-    from dynamo_run.runner import RunError
-
-    if loading.cancelled():
-        return 1
-    exc = loading.exception()
-    if isinstance(exc, RunError):
-        return 1
-    return _fail(f"the model failed to load: {type(exc).__name__}: {exc}")
 
 
 def _url_host(host: str) -> str:

@@ -18,10 +18,11 @@ from pathlib import Path
 
 from rich.console import Console
 
+from dynamo_run.errors import RequestError
 from dynamo_run.inputs.text.conversation import SETTINGS, Conversation, SettingError
 from dynamo_run.pipeline.client import Delta, EngineFailure, ModelClient
 from dynamo_run.pipeline.loop_guard import LoopGuard
-from dynamo_run.pipeline.preprocess import PreparedRequest, RequestError
+from dynamo_run.pipeline.preprocess import PreparedRequest
 from dynamo_run.spec import RunSpec
 
 COMMANDS: dict[str, str] = {

@@ -7,15 +7,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import llama_cpp.llama_cpp as L
 
-from dynamo_run.engine import EngineError, KvEventSink
+from dynamo_run.engine import Engine, EngineCapabilities, EngineError, KvEventSink
 from dynamo_run.kv_blocks import DEFAULT_BLOCK_SIZE
 from dynamo_run.model.card import ModelCard
-from dynamo_run.protocol.internal import FINISH_ERROR, EngineOutput, PreprocessedRequest
+from dynamo_run.protocol.internal import FINISH_ERROR, EngineLoad, EngineOutput, PreprocessedRequest
 from dynamo_run_llamacpp.config import LlamaCppSettings
 from dynamo_run_llamacpp.embeddings import Embedder
 from dynamo_run_llamacpp.grammar import SchemaError, schema_grammar
@@ -25,13 +25,8 @@ from dynamo_run_llamacpp.scheduler import Scheduler, Sequence
 log = logging.getLogger("dynamo_run.llamacpp")
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(Engine):
     """Token-level engine over llama.cpp with ``n_parallel`` concurrent sequences."""
-
-    # response_format json_object / json_schema and forced tool calls are enforced with
-    # GBNF grammars (grammar.py; schemas converted by llama-cpp-python's own converter).
-    supports_json_object = True
-    supports_json_schema = True
 
     def __init__(
         self, card: ModelCard, settings: LlamaCppSettings, kv_block_size: int = DEFAULT_BLOCK_SIZE
@@ -66,19 +61,33 @@ class LlamaCppEngine:
         self.embedder = Embedder(self.model, settings, min(self.scheduler.n_ctx_seq, 2048))
         self._closed = False
 
+    def capabilities(self) -> EngineCapabilities:
+        # response_format json_object / json_schema and forced tool calls are enforced with
+        # GBNF grammars (grammar.py; schemas converted by llama-cpp-python's own converter).
+        # n_ctx is split between the parallel sequences: each holds n_ctx_seq tokens.
+        return EngineCapabilities(
+            embeddings=True,
+            json_object=True,
+            json_schema=True,
+            kv_events=True,
+            max_concurrency=len(self.scheduler.slots),
+            context_per_sequence=self.scheduler.n_ctx_seq,
+        )
+
     @property
     def in_flight(self) -> int:
         """Requests waiting for or holding a sequence slot."""
         return self.scheduler.pending + len(self.scheduler.active)
 
-    @property
-    def max_concurrency(self) -> int:
-        """Requests that can generate at once (one per parallel sequence)."""
-        return len(self.scheduler.slots)
-
-    @property
-    def context_per_sequence(self) -> int:
-        return self.scheduler.n_ctx_seq
+    def load(self) -> EngineLoad:
+        """Requests in flight and the sequence slots in use (a snapshot read off the
+        scheduler thread; llama.cpp's cache is per token, so no KV block counts)."""
+        slots = self.scheduler.slots
+        return EngineLoad(
+            in_flight=self.in_flight,
+            slots_total=len(slots),
+            slots_busy=sum(1 for slot in slots if slot.seq is not None),
+        )
 
     @property
     def kv_block_size(self) -> int:
@@ -144,7 +153,7 @@ class LlamaCppEngine:
             f"{c['thread_switches']} changes), lockstep {self.settings.lockstep}"
         )
 
-    def check_json_schema(self, schema: dict) -> str | None:
+    def check_json_schema(self, schema: dict[str, Any]) -> str | None:
         """Why ``schema`` cannot be enforced, or None (the frontend answers 400 with it)."""
         try:
             schema_grammar(schema)
@@ -152,7 +161,7 @@ class LlamaCppEngine:
             return str(exc)
         return None
 
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         if self._closed:
             raise EngineError("llamacpp: the engine is closed")
         queue: asyncio.Queue[EngineOutput] = asyncio.Queue()

@@ -8,30 +8,16 @@ sglang and torch are imported only when an engine is created.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import TYPE_CHECKING
 
 from dynamo_run.engine import EngineConfig
+from dynamo_run_sglang.install import INSTALL_HINT, unusable_reason
 
 if TYPE_CHECKING:
     from dynamo_run.model.card import ModelCard
     from dynamo_run_sglang.engine import SGLangEngine
 
-__all__ = ["create_engine", "unusable_reason"]
-
-INSTALL_HINT = "pip install 'dynamo-run[sglang]'"
-
-
-def unusable_reason() -> str | None:
-    """None if SGLang is installed and an NVIDIA GPU is present, else why not. Looks only
-    at the installed packages and the driver's device files: no sglang or torch import."""
-    if importlib.util.find_spec("sglang") is None:
-        return f"sglang is not installed: {INSTALL_HINT}"
-    from dynamo_run.devices import has_nvidia_gpu
-
-    if not has_nvidia_gpu():
-        return "no NVIDIA GPU found (sglang needs CUDA)"
-    return None
+__all__ = ["INSTALL_HINT", "create_engine", "unusable_reason"]
 
 
 def create_engine(card: ModelCard, config: EngineConfig) -> SGLangEngine:

@@ -14,10 +14,10 @@ import inspect
 import logging
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from dynamo_run.engine import EngineConfig, EngineError, KvEventSink
+from dynamo_run.engine import Engine, EngineCapabilities, EngineConfig, EngineError, KvEventSink
 from dynamo_run.engine_support.errors import load_error, short, unknown_argument_error
 from dynamo_run.engine_support.startup_log import log_path, root_cause, stderr_to
 from dynamo_run.model.card import ModelCard
@@ -28,6 +28,7 @@ from dynamo_run.protocol.internal import (
     EngineOutput,
     PreprocessedRequest,
 )
+from dynamo_run_sglang import install
 from dynamo_run_sglang.config import NAME, check_model, engine_kwargs, page_size, publishes_to
 from dynamo_run_sglang.kv_events import KvEventTranslator, ZmqKvSubscriber
 from dynamo_run_sglang.launch import (
@@ -62,12 +63,8 @@ def _start_sglang(kwargs: dict[str, Any]) -> Any:
     return sglang.Engine(server_args=server_args)
 
 
-class SGLangEngine:
+class SGLangEngine(Engine):
     """Token-level engine over one ``sglang.Engine``."""
-
-    # response_format json_object / json_schema go to SGLang's grammar backend.
-    supports_json_object = True
-    supports_json_schema = True
 
     def __init__(
         self,
@@ -94,11 +91,9 @@ class SGLangEngine:
     @classmethod
     def start(cls, card: ModelCard, config: EngineConfig) -> SGLangEngine:
         """Check everything that can be checked cheaply, then launch SGLang."""
-        from dynamo_run_sglang import unusable_reason
-
         check_model(card)
         engine_kwargs(card, config)  # our flags' errors before the machine's
-        reason = unusable_reason()
+        reason = install.unusable_reason()
         if reason is not None:
             raise EngineError(reason)  # names the engine already
         translator = KvEventTranslator(16)
@@ -130,8 +125,14 @@ class SGLangEngine:
             subscriber=subscriber,
         )
 
+    def capabilities(self) -> EngineCapabilities:
+        """response_format json_object / json_schema go to SGLang's grammar backend; KV
+        events when SGLang publishes them to our subscriber (not to the user's own
+        kv_events_config)."""
+        return EngineCapabilities(json_object=True, json_schema=True, kv_events=self.kv is not None)
+
     # --- requests -------------------------------------------------------------------------
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         if self._closed:
             raise EngineError(f"{NAME}: the engine is closed")
         self._ensure_loop()

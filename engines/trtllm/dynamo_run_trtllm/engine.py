@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-from dynamo_run.engine import EngineConfig, EngineError, KvEventSink
+from dynamo_run.engine import Engine, EngineCapabilities, EngineConfig, EngineError, KvEventSink
 from dynamo_run.engine_support.errors import load_error, short
 from dynamo_run.engine_support.startup_log import log_path, root_cause, stderr_to
 from dynamo_run.model.card import ModelCard
@@ -24,6 +24,7 @@ from dynamo_run.protocol.internal import (
     EngineOutput,
     PreprocessedRequest,
 )
+from dynamo_run_trtllm import install
 from dynamo_run_trtllm.config import NAME, block_size, check_model, context_length, llm_kwargs
 from dynamo_run_trtllm.kv_events import KvEventTranslator
 from dynamo_run_trtllm.sampling import sampling_kwargs
@@ -61,12 +62,8 @@ def _import_api() -> tuple[Any, Any, SamplingFactory]:
     return LLM, KvCacheConfig, make
 
 
-class TrtLlmEngine:
+class TrtLlmEngine(Engine):
     """Token-level engine over one ``tensorrt_llm.LLM``."""
-
-    # response_format json_object / json_schema go to xgrammar (guided_decoding_backend).
-    supports_json_object = True
-    supports_json_schema = True
 
     def __init__(
         self,
@@ -90,11 +87,9 @@ class TrtLlmEngine:
     @classmethod
     def start(cls, card: ModelCard, config: EngineConfig) -> TrtLlmEngine:
         """Check everything that can be checked cheaply, then build the LLM."""
-        from dynamo_run_trtllm import unusable_reason
-
         check_model(card)
         kwargs = llm_kwargs(card, config)
-        reason = unusable_reason()
+        reason = install.unusable_reason()
         if reason is not None:
             raise EngineError(reason)  # names the engine already
         llm_cls, kv_config_cls, make = _import_api()
@@ -116,8 +111,18 @@ class TrtLlmEngine:
             context_length=context_length(card, kwargs),
         )
 
+    def capabilities(self) -> EngineCapabilities:
+        """response_format json_object / json_schema go to xgrammar (guided_decoding_backend);
+        its KV cache events are polled; sequences hold at most max_seq_len tokens."""
+        return EngineCapabilities(
+            json_object=True,
+            json_schema=True,
+            kv_events=True,
+            context_per_sequence=self.context_length,
+        )
+
     # --- requests -------------------------------------------------------------------------
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         if self._closed:
             raise EngineError(f"{NAME}: the engine is closed")
         self._start_pollers()

@@ -15,11 +15,11 @@ import gc
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
-from dynamo_run.engine import EngineConfig, EngineError, KvEventSink
+from dynamo_run.engine import Engine, EngineCapabilities, EngineConfig, EngineError, KvEventSink
 from dynamo_run.engine_support.errors import one_line
 from dynamo_run.engine_support.startup_log import root_cause, stderr_to
 from dynamo_run.kv_blocks import DEFAULT_BLOCK_SIZE
@@ -77,11 +77,8 @@ def _start_failed(exc: BaseException, log_file: Path, card: ModelCard) -> Engine
     return EngineError(f"vllm could not load {card.path}: {message} (vLLM's log: {log_file})")
 
 
-class VllmEngine:
+class VllmEngine(Engine):
     """Token-level engine over vLLM's AsyncLLM (continuous batching, prefix caching)."""
-
-    supports_json_object = True  # structured outputs (xgrammar / guidance)
-    supports_json_schema = True
 
     def __init__(
         self,
@@ -164,15 +161,17 @@ class VllmEngine:
             return 0
         return max(self._active, self.llm.get_num_unfinished_requests())
 
-    @property
-    def context_per_sequence(self) -> int:
-        """vLLM's max_model_len: the frontend checks prompts against it."""
-        return self.max_model_len
-
-    @property
-    def max_concurrency(self) -> int:
-        """Sequences vLLM schedules at once (in=batch sizes its concurrency from it)."""
-        return self.max_num_seqs
+    def capabilities(self) -> EngineCapabilities:
+        """Structured outputs (xgrammar / guidance) enforce both JSON formats; KV events
+        when its engine core publishes them to us (not to a kv_events_config of the
+        user's); the frontend checks prompts against max_model_len."""
+        return EngineCapabilities(
+            json_object=True,
+            json_schema=True,
+            kv_events=self.subscriber is not None,
+            max_concurrency=self.max_num_seqs,
+            context_per_sequence=self.max_model_len,
+        )
 
     @property
     def kv_block_size(self) -> int:
@@ -198,7 +197,7 @@ class VllmEngine:
         self.kv.set_sink(sink)
 
     # --- requests -------------------------------------------------------------------------
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         if self._closed:
             raise EngineError("vllm: the engine is closed")
         try:
