@@ -4,7 +4,6 @@ sampling, stop rules), with the context-length check done once, here."""
 from __future__ import annotations
 
 import contextlib
-import json
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from dynamo_run.model.card import ModelCard
 from dynamo_run.model.generation_defaults import GenerationDefaults, resolve_generation_defaults
 from dynamo_run.model.template import TemplateError
+from dynamo_run.protocol import json_input
 from dynamo_run.protocol.internal import PreprocessedRequest, SamplingOptions, StopConditions
 from dynamo_run.protocol.openai import (
     ChatCompletionRequest,
@@ -58,8 +58,9 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
         for call in message.tool_calls:
             fn = call.get("function") if isinstance(call, dict) else None
             if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                with contextlib.suppress(ValueError):  # not JSON: the text as sent
-                    fn = {**fn, "arguments": json.loads(fn["arguments"])}
+                # Not JSON (or nested past the limit): the text as sent.
+                with contextlib.suppress(ValueError):
+                    fn = {**fn, "arguments": json_input.loads(fn["arguments"])}
                 call = {**call, "function": fn}
             calls.append(call)
         out["tool_calls"] = calls
