@@ -158,7 +158,8 @@ def ps(
 
 def main(argv: list[str]) -> int:
     try:
-        app(args=argv, prog_name="dynamo-run ps", standalone_mode=False)
+        # Without standalone mode click returns a typer.Exit's code instead of raising it.
+        result = app(args=argv, prog_name="dynamo-run ps", standalone_mode=False)
     except typer.Exit as exc:
         return exc.exit_code
     except Exception as exc:
@@ -168,4 +169,4 @@ def main(argv: list[str]) -> int:
             print(f"dynamo-run ps: error: {exc.format_message()}", file=sys.stderr)
             return 2
         raise
-    return 0
+    return result if isinstance(result, int) else 0
