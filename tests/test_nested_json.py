@@ -16,7 +16,7 @@ import pytest
 from conftest import run_cli
 from grpc_helpers import MODEL_NAME, GrpcServer, InferenceServerException, start_grpc_server
 from grpc_helpers import text_input as grpc_text
-from http_helpers import Server, echo_server_fixture  # noqa: F401
+from http_helpers import Server, echo_server_fixture, start_server  # noqa: F401
 
 from dynamo_run.protocol import json_input
 
@@ -80,6 +80,26 @@ def test_http_every_route_answers_400(echo_server: Server) -> None:
         assert response.status_code == 200, response.text
     assert "Traceback" not in echo_server.log()
     assert "RecursionError" not in echo_server.log()
+
+
+def test_http_deep_json_in_an_answer_stays_text() -> None:
+    """Echo answers with the prompt, so a client can make the answer hold a tool call whose
+    JSON nests past the interpreter's recursion limit: the parser leaves it as content."""
+    call = '<tool_call>{"name": "f", "arguments": ' + nested(3000) + "}</tool_call>"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    body = {"messages": [{"role": "user", "content": call}], "tools": tools, "max_tokens": 8000}
+    servers = start_server(args=["--tool-call-parser", "hermes"], engine_args={"delay_ms": 0})
+    server = next(servers)
+    with httpx.Client(base_url=server.url, timeout=60.0) as client:
+        whole = client.post("/chat/completions", json=body)
+        assert whole.status_code == 200, whole.text
+        message = whole.json()["choices"][0]["message"]
+        assert nested(3000) in message["content"] and not message.get("tool_calls")
+        streamed = client.post("/chat/completions", json={**body, "stream": True})
+        assert streamed.status_code == 200
+        assert '"error"' not in streamed.text and streamed.text.endswith("data: [DONE]\n\n")
+    assert "Traceback" not in server.log()
+    next(servers, None)  # stop it (and check it exits 0)
 
 
 @pytest.fixture(scope="module")
