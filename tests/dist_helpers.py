@@ -29,11 +29,13 @@ def nats_binary() -> str:
 
 
 class NatsServer:
-    """A nats-server with JetStream on a free loopback port (restartable on the same port)."""
+    """A nats-server with JetStream (unless ``jetstream=False``) on a free loopback port
+    (restartable on the same port)."""
 
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(self, token: str | None = None, jetstream: bool = True) -> None:
         self.port = free_port()
         self.token = token
+        self.jetstream = jetstream
         self._tmp = tempfile.TemporaryDirectory(prefix="dynnats-")
         self.proc: subprocess.Popen | None = None
         self.start()
@@ -43,8 +45,9 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        argv = [nats_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js"]
-        argv += ["-sd", str(Path(self._tmp.name) / "js")]
+        argv = [nats_binary(), "-a", "127.0.0.1", "-p", str(self.port)]
+        if self.jetstream:
+            argv += ["-js", "-sd", str(Path(self._tmp.name) / "js")]
         if self.token:
             argv += ["--auth", self.token]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

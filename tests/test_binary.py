@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -179,6 +180,40 @@ def test_http_llamacpp_on_a_gguf_path_answers_openai(
             proc.kill()
             proc.wait()
         log.close()
+
+
+# What vLLM's CPU build brings into the test venv, and none of it is dynamo-run's (matched
+# against the bundle's top-level entries: packages, NAME-VERSION.dist-info, NAME.libs).
+FOREIGN = ("cv2", "opencv", "transformers", "torch", "anthropic", "pycountry", "vllm")
+# Unpacked size bound: 285 MB measured (94 MB of it the default model); OpenCV alone was 172.
+MAX_UNPACKED_MB = 330
+
+
+def test_bundle_holds_only_what_dynamo_run_needs(binary: Binary) -> None:
+    assert binary.run("--version").returncode == 0
+    internal = binary.bundle() / "_internal"
+    stems = {entry.name: re.split(r"[-.]", entry.name)[0].lower() for entry in internal.iterdir()}
+    foreign = sorted(name for name, stem in stems.items() if stem.startswith(FOREIGN))
+    assert foreign == [], f"the bundle carries packages dynamo-run does not need: {foreign}"
+    size = sum(
+        p.stat().st_size for p in binary.bundle().rglob("*") if p.is_file() and not p.is_symlink()
+    )
+    assert size < MAX_UNPACKED_MB * 1e6, f"unpacked bundle is {size / 1e6:.0f} MB"
+
+
+def test_excluded_modules_rule_keeps_the_closure_and_drops_the_rest() -> None:
+    """The spec's rule (packaging/closure.py) on this venv, without building: every module
+    dynamo-run imports is kept, every installed foreign one left out."""
+    spec = importlib.util.spec_from_file_location("closure", REPO / "packaging" / "closure.py")
+    assert spec is not None and spec.loader is not None
+    closure = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(closure)
+    excluded = set(closure.excluded_modules())
+    needed = {"nats", "fastapi", "uvicorn", "pydantic", "tokenizers", "llama_cpp", "grpc", "numpy"}
+    assert not needed & excluded
+    for name in ("cv2", "transformers", "torch", "anthropic", "pycountry", "vllm", "pytest"):
+        if importlib.util.find_spec(name) is not None:  # installed here: must be left out
+            assert name in excluded, name
 
 
 def test_nats_server_and_supervisor_entry_are_bundled(binary: Binary) -> None:

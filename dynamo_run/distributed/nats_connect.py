@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from nats.aio.client import Client
+from nats.js.errors import ServiceUnavailableError
 
 from dynamo_run.distributed.errors import NatsError
 from dynamo_run.distributed.nats_embedded import (
@@ -227,10 +228,33 @@ async def _connect(servers: list[str], token: str | None, name: str) -> Client:
             except Exception:  # it never connected: nothing to flush
                 log.debug("closing a failed NATS client", exc_info=True)
         raise NatsError(_explain(shown, errors)) from None
+    try:
+        await _require_jetstream(client, shown)
+    except NatsError:
+        await client.close()
+        raise
     # Attempts were bounded to fail fast at start; from now on, never give up.
     client.options["max_reconnect_attempts"] = -1
     connected = True
     return client
+
+
+async def _require_jetstream(client: Client, shown: str) -> None:
+    """NatsError unless the server has JetStream, which discovery keeps its buckets in.
+
+    Asked once here, where every process first connects: otherwise the first bucket a worker,
+    frontend or ``ps`` opens fails with nats-py's bare ServiceUnavailableError."""
+    try:
+        await client.jetstream().account_info()
+    except ServiceUnavailableError as exc:
+        if exc.description is not None:  # JetStream answered: enabled, but not available now
+            raise NatsError(
+                f"JetStream at NATS {shown} is unavailable: {exc.description}"
+            ) from None
+        raise NatsError(  # no one answers JetStream's API: the server runs without it
+            f"NATS at {shown} runs without JetStream, which dynamo-run needs for discovery: "
+            "start nats-server with -js (or put `jetstream {}` in its config)"
+        ) from None
 
 
 def _explain(shown: str, errors: list[BaseException]) -> str:

@@ -12,6 +12,8 @@ import json
 import secrets
 from dataclasses import dataclass
 
+from dynamo_run.protocol import json_input
+
 
 @dataclass
 class ToolCall:
@@ -68,7 +70,7 @@ def arguments_json(value: object, missing_ok: bool = True) -> str | None:
         value = {}
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = json_input.loads(value)
         except ValueError:
             return None
     if not isinstance(value, dict):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from dynamo_run.protocol import json_input
 
 from ._base import ToolCall
 from ._marker import MarkerParser
@@ -60,7 +60,7 @@ class HermesParser(MarkerParser):
     def _parse_body(self, body: str) -> list[ToolCall]:
         """One call object, or (some models do this) a list of them in one tag; all or none."""
         try:
-            value = json.loads(body)
+            value = json_input.loads(body)
         except ValueError:
             return []
         items = value if isinstance(value, list) else [value]

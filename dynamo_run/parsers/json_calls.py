@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from dynamo_run.protocol import json_input
 
 from ._base import ToolCall
 from ._leading import LeadingParser
@@ -20,7 +20,7 @@ class Llama3JsonParser(LeadingParser):
 
     def _parse_value(self, text: str) -> list[ToolCall]:
         try:
-            obj = json.loads(text)
+            obj = json_input.loads(text)
         except ValueError:
             return []
         call = self._call_from_object(obj, missing_ok=False)
@@ -34,7 +34,7 @@ class JsonParser(LeadingParser):
 
     def _parse_value(self, text: str) -> list[ToolCall]:
         try:
-            value = json.loads(text)
+            value = json_input.loads(text)
         except ValueError:
             return []
         items = value if isinstance(value, list) else [value]

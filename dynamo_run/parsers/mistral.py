@@ -4,10 +4,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import string
+
+from dynamo_run.protocol import json_input
 
 from ._base import ToolCall
 from ._marker import MarkerParser
@@ -75,7 +76,7 @@ class MistralParser(MarkerParser):
         if end is None:
             return (len(buf), []) if final else None
         try:
-            value = json.loads(buf[self._value_start : end])
+            value = json_input.loads(buf[self._value_start : end])
         except ValueError:
             return end, []
         if self._name is not None:

@@ -4,7 +4,6 @@ sampling, stop rules), with the context-length check done once, here."""
 from __future__ import annotations
 
 import contextlib
-import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ from dynamo_run.model.generation_defaults import GenerationDefaults, resolve_gen
 from dynamo_run.model.template import TemplateError
 from dynamo_run.pipeline.answer import OutputPlan
 from dynamo_run.pipeline.chat_plan import Guidance, plan_chat
+from dynamo_run.protocol import json_input
 from dynamo_run.protocol.internal import PreprocessedRequest, SamplingOptions, StopConditions
 from dynamo_run.protocol.openai import (
     ChatCompletionRequest,
@@ -48,8 +48,9 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
         for call in message.tool_calls:
             fn = call.get("function") if isinstance(call, dict) else None
             if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                with contextlib.suppress(ValueError):  # not JSON: the text as sent
-                    fn = {**fn, "arguments": json.loads(fn["arguments"])}
+                # Not JSON (or nested past the limit): the text as sent.
+                with contextlib.suppress(ValueError):
+                    fn = {**fn, "arguments": json_input.loads(fn["arguments"])}
                 call = {**call, "function": fn}
             calls.append(call)
         out["tool_calls"] = calls

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from dynamo_run.pipeline.preprocess import Preprocessor
+from dynamo_run.protocol import json_input
 from dynamo_run.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -190,9 +191,11 @@ def parse_line(raw: bytes, line: int, default_form: str, pre: Preprocessor) -> B
     item = BatchItem(line=line, form=default_form)
     try:
         try:
-            obj = json.loads(raw.decode("utf-8"))
+            obj = json_input.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
             raise LineError("invalid_json", "the line is not valid UTF-8") from None
+        except json_input.JsonTooDeep as exc:
+            raise LineError("invalid_json", f"invalid JSON: {exc}") from None
         except json.JSONDecodeError as exc:
             raise LineError(
                 "invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}"
@@ -221,7 +224,7 @@ def parse_line(raw: bytes, line: int, default_form: str, pre: Preprocessor) -> B
 def peek_custom_id(raw: bytes) -> str | None:
     """The custom_id of an OpenAI-form line, or None (for resume checks; never raises)."""
     try:
-        obj = json.loads(raw)
+        obj = json_input.loads(raw)
     except ValueError:
         return None
     if isinstance(obj, dict) and isinstance(obj.get("custom_id"), str):
@@ -232,6 +235,6 @@ def peek_custom_id(raw: bytes) -> str | None:
 def peek_form(raw: bytes) -> str | None:
     """The form of a line if it decodes, else None (to pick the form of bad lines)."""
     try:
-        return detect_form(json.loads(raw))
+        return detect_form(json_input.loads(raw))
     except ValueError:
         return None

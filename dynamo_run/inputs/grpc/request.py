@@ -13,7 +13,6 @@ written for those work unchanged. A value can come from three places; the later 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +23,7 @@ from dynamo_run.inputs.grpc.proto import grpc_service_pb2 as pb
 from dynamo_run.inputs.grpc.tensors import Tensor, TensorError, decode_inputs, parameter_value
 from dynamo_run.pipeline.client import ModelClient
 from dynamo_run.pipeline.preprocess import PreparedRequest
+from dynamo_run.protocol import json_input
 from dynamo_run.protocol.openai import ChatCompletionRequest, CompletionRequest
 
 TEXT_INPUT = "text_input"
@@ -161,7 +161,9 @@ def parse_infer_request(request: pb.ModelInferRequest) -> InferInput:
     sampling = tensors.get("sampling_parameters")
     if sampling is not None:
         try:
-            params = json.loads(_one(sampling) or "{}")
+            params = json_input.loads(_one(sampling) or "{}")
+        except json_input.JsonTooDeep as exc:
+            raise TensorError(sampling.name, str(exc)) from None
         except ValueError as exc:
             raise TensorError(sampling.name, f"not a JSON object: {exc}") from None
         if not isinstance(params, dict):

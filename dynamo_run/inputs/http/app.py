@@ -6,7 +6,6 @@ before validation; the OpenAPI document still describes them (see ``_openapi``).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -33,6 +32,8 @@ from dynamo_run.pipeline.responses import (
     text_completion_body,
 )
 from dynamo_run.pipeline.serving import ServedModels
+from dynamo_run.protocol import json_input
+from dynamo_run.protocol.json_input import JsonTooDeep
 from dynamo_run.protocol.openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -121,7 +122,9 @@ async def _body(request: Request) -> dict[str, Any]:
         parts.append(part)
     raw = b"".join(parts)
     try:
-        body = json.loads(raw) if raw else None
+        body = json_input.loads(raw) if raw else None
+    except JsonTooDeep as exc:
+        raise ApiError(400, f"the request body is {exc}", code="json_too_deep") from None
     except ValueError as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
