@@ -88,6 +88,7 @@ class RemoteModels:
         self.clients: dict[str, ModelClient] = {}
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._live_ids: set[str] = set()
+        self._seen: set[str] = set()  # every model an instance ever registered for
         self._changed = asyncio.Event()
 
     async def start(self) -> None:
@@ -122,6 +123,9 @@ class RemoteModels:
 
     def get(self, name: str) -> ModelClient | None:
         return self.clients.get(name)
+
+    def was_served(self, name: str) -> bool:
+        return name in self._seen
 
     def instances_of(self, model: str) -> list[InstanceRecord]:
         return [r for r in self.watcher.instances.values() if r.model == model]
@@ -163,6 +167,7 @@ class RemoteModels:
         by_model: dict[str, InstanceRecord] = {}
         for record in live:
             by_model.setdefault(record.model, record)
+        self._seen.update(by_model)
         for model, record in by_model.items():
             if model not in self.clients and model not in self._loading:
                 self._loading[model] = asyncio.create_task(self._add_model(record))

@@ -128,12 +128,12 @@ class GrpcModels:
         client = directory.get(name) if name else None
         if client is not None:
             return client
-        if directory.where:
+        if directory.was_served(name):  # its workers are gone: one may come back
             raise RpcError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"no live instance serves model '{name}' in {directory.where}",
             )
-        served = ", ".join(f"'{n}'" for n in names)
+        served = ", ".join(f"'{n}'" for n in names) or "no model now"
         raise RpcError(
             grpc.StatusCode.NOT_FOUND,
             f"model '{name}' is not served here; this server serves {served}",

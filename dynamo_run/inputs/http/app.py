@@ -126,17 +126,13 @@ class ServerState:
         client = directory.get(name)
         if client is not None:
             return client
-        if directory.where:
+        if directory.was_served(name):  # its workers are gone or its card is on its way
             raise ApiError(
                 503, f"no live instance serves model `{name}` in {directory.where}",
                 param="model", code="no_instances", headers={"retry-after": "1"},
             )  # fmt: skip
-        raise ApiError(
-            404,
-            f"The model `{name}` does not exist; this server serves `{names[0]}`.",
-            param="model",
-            code="model_not_found",
-        )
+        raise ApiError(404, _not_found(name, names, directory.where), param="model",
+                       code="model_not_found")  # fmt: skip
 
     async def client_and_body(self, request: Request) -> tuple[ModelClient, dict[str, Any]]:
         """503 while loading (before reading the body), then the body's model's client."""
@@ -181,6 +177,14 @@ class SSEResponse(StreamingResponse):
                 yield event
 
         self.body_iterator = chained()
+
+
+def _not_found(name: str, names: list[str], where: str) -> str:
+    """The 404 message for a model name never served here (as OpenAI's, plus what is)."""
+    if names:
+        served = ", ".join(f"`{n}`" for n in names)
+        return f"The model `{name}` does not exist; this server serves {served}."
+    return f"The model `{name}` does not exist; no worker in {where} serves a model now."
 
 
 def _json_body(body: dict[str, Any], status: int = 200) -> Response:
