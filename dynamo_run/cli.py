@@ -144,6 +144,24 @@ def run(
         bool,
         typer.Option(help="--router-mode kv: frontends share the load they put on each worker."),
     ] = False,
+    max_inflight_per_worker: Annotated[
+        int | None,
+        typer.Option(
+            help="in=http: requests a worker takes at once (default: its decode slots; 0: no limit)."
+        ),
+    ] = None,
+    request_queue_limit: Annotated[
+        int | None,
+        typer.Option(
+            help="in=http: requests that wait for a busy model before 503 (default: twice its capacity)."
+        ),
+    ] = None,
+    active_decode_blocks_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="in=http: a worker whose KV blocks are this full (0-1) is busy (default: off)."
+        ),
+    ] = None,
     extra_engine_args: Annotated[
         Path | None, typer.Option(help="JSON file of engine-specific arguments.")
     ] = None,
@@ -231,6 +249,9 @@ def run(
         router_temperature=router_temperature,
         kv_events=kv_events,
         router_replica_sync=router_replica_sync,
+        max_inflight_per_worker=max_inflight_per_worker,
+        request_queue_limit=request_queue_limit,
+        active_decode_blocks_threshold=active_decode_blocks_threshold,
         extra_engine_args=extra_engine_args,
         request_template=request_template,
         generation_config=generation_config,

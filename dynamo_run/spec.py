@@ -91,6 +91,10 @@ class Flags:
     router_temperature: float = 0.0  # --router-mode kv: 0 = cheapest; > 0 softmax sampling
     kv_events: bool = True  # --router-mode kv: False = predict caches from past decisions
     router_replica_sync: bool = False  # --router-mode kv: share in-flight load between frontends
+    # Admission (in=http; out=dyn per worker): None = the worker's decode slots; 0 = no limit
+    max_inflight_per_worker: int | None = None
+    request_queue_limit: int | None = None  # requests waiting beyond; None = twice the capacity
+    active_decode_blocks_threshold: float | None = None  # 0-1 of KV blocks: the worker is busy
     extra_engine_args: Path | None = None
     request_template: Path | None = None
     generation_config: str = "auto"  # auto: model's and llama.cpp's defaults; none: OpenAI's
@@ -227,6 +231,16 @@ def _validate_flags(flags: Flags) -> None:
         raise SpecError(f"--kv-overlap-score-weight {flags.kv_overlap_score_weight}: must be >= 0")
     if flags.router_temperature < 0:
         raise SpecError(f"--router-temperature {flags.router_temperature}: must be >= 0")
+    if flags.max_inflight_per_worker is not None and flags.max_inflight_per_worker < 0:
+        raise SpecError(
+            f"--max-inflight-per-worker {flags.max_inflight_per_worker}: must be 0 (no limit) "
+            "or more"
+        )
+    if flags.request_queue_limit is not None and flags.request_queue_limit < 0:
+        raise SpecError(f"--request-queue-limit {flags.request_queue_limit}: must be 0 or more")
+    threshold = flags.active_decode_blocks_threshold
+    if threshold is not None and not 0 < threshold <= 1:
+        raise SpecError(f"--active-decode-blocks-threshold {threshold}: must be in (0, 1]")
     if flags.nats_listen is not None:
         host, sep, port = flags.nats_listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:

@@ -24,6 +24,7 @@ from dynamo_run.distributed.router import Router
 from dynamo_run.distributed.wire import InstanceRecord
 from dynamo_run.model.card import CardOverrides
 from dynamo_run.model.card_wire import card_from_bytes
+from dynamo_run.pipeline.admission import AdmissionSettings
 from dynamo_run.pipeline.client import ModelClient
 
 log = logging.getLogger("dynamo_run.frontend")
@@ -62,8 +63,10 @@ class RemoteModels:
         request_template: dict[str, Any] | None = None,
         generation_config: str = "auto",
         overrides: CardOverrides | None = None,
+        admission: AdmissionSettings | None = None,
     ) -> None:
         self.nc = nc
+        self.admission = admission or AdmissionSettings()
         self.overrides = overrides or CardOverrides()
         self.prefix = endpoint_prefix
         self.request_template = request_template
@@ -198,6 +201,7 @@ class RemoteModels:
             self.migration_limit,
             f"{record.namespace}.{record.component}.{record.endpoint}",
             self.stats,
+            self.admission,
         )
         self.clients[record.model] = ModelClient(
             card, engine, self.request_template, self.generation_config

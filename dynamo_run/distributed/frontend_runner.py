@@ -30,6 +30,7 @@ class RemoteOutput:
         from dynamo_run.distributed.frontend import RemoteModels, RouterSettings
         from dynamo_run.distributed.nats_connect import connect_nats
         from dynamo_run.kv_blocks import DEFAULT_BLOCK_SIZE
+        from dynamo_run.pipeline.admission import AdmissionSettings
         from dynamo_run.runner import RunError, card_overrides
 
         flags = self.spec.flags
@@ -63,6 +64,7 @@ class RemoteOutput:
             self.spec.request_template,
             flags.generation_config,
             card_overrides(self.spec),
+            AdmissionSettings.from_flags(flags),
         )
         await self.models.start()
         if for_http:

@@ -36,9 +36,11 @@ LEASE_S = float(os.environ.get("DYN_LEASE_S", str(DEFAULT_LEASE_S)))
 def _engine_load(client: ModelClient, server: EndpointServer) -> EngineLoad:
     load_fn = getattr(client.engine, "load", None)
     load = load_fn() if callable(load_fn) else EngineLoad()
+    # Frontends size their per-worker limit from the slots (engines without load(): llamacpp).
+    slots = load.slots_total or getattr(client.engine, "max_concurrency", 0) or 0
     return EngineLoad(
         in_flight=server.in_flight,
-        slots_total=load.slots_total,
+        slots_total=slots,
         slots_busy=load.slots_busy,
         kv_blocks_total=load.kv_blocks_total,
         kv_blocks_used=load.kv_blocks_used,

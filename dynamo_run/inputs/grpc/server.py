@@ -21,6 +21,7 @@ import grpc
 
 from dynamo_run.inputs.grpc.service import GrpcModels, InferenceService
 from dynamo_run.metrics import FrontendMetrics
+from dynamo_run.pipeline.admission import AdmissionSettings
 from dynamo_run.spec import RunSpec
 
 log = logging.getLogger("dynamo_run.grpc")
@@ -141,7 +142,7 @@ async def run_http_grpc(loading: asyncio.Task[Any], spec: RunSpec) -> int:
     from dynamo_run.inputs.http.app import ServerState
     from dynamo_run.inputs.http.server import _what, run_http
 
-    state = ServerState(loading, FrontendMetrics())
+    state = ServerState(loading, FrontendMetrics(), AdmissionSettings.from_flags(spec.flags))
     try:
         server, port = await start_grpc(loading, spec, state.metrics, watch=False)
     except GrpcStartError as exc:

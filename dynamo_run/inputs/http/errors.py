@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from dynamo_run.pipeline.admission import RETRY_AFTER_S
 from dynamo_run.pipeline.client import EngineFailure, EngineUnavailable
 from dynamo_run.pipeline.preprocess import RequestError
 
@@ -93,6 +94,12 @@ def engine_error(exc: EngineFailure) -> ApiError:
     if isinstance(exc, EngineUnavailable):
         return ApiError(503, str(exc), code="no_instances", headers={"retry-after": "1"})
     return ApiError(500, f"the engine failed: {exc}", code="engine_error")
+
+
+def overloaded_error(exc: EngineUnavailable) -> ApiError:
+    """Admission refused a request: 503 with Retry-After, which clients (openai's too)
+    wait before they try again."""
+    return ApiError(503, str(exc), code="overloaded", headers={"retry-after": str(RETRY_AFTER_S)})
 
 
 def known_error(exc: Exception, method: str = "", path: str = "") -> ApiError | None:

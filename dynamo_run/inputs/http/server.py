@@ -22,6 +22,7 @@ import uvicorn
 
 from dynamo_run.inputs.http.app import ServerState, create_app
 from dynamo_run.metrics import FrontendMetrics
+from dynamo_run.pipeline.admission import AdmissionSettings
 from dynamo_run.pipeline.client import ModelClient
 from dynamo_run.pipeline.directory import ModelDirectory
 from dynamo_run.spec import RunSpec
@@ -115,7 +116,8 @@ async def run_http(
     flags = spec.flags
     api_key = flags.api_key or os.environ.get("DYN_API_KEY") or None
     _quiet_uvicorn(flags.verbosity)
-    state = state or ServerState(loading, FrontendMetrics())
+    admission = AdmissionSettings.from_flags(flags)
+    state = state or ServerState(loading, FrontendMetrics(), admission)
     tls = flags.tls_cert_path is not None
     config = uvicorn.Config(
         create_app(state, api_key),
