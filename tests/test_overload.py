@@ -217,3 +217,39 @@ def test_clients_that_hang_up_leave_every_queue_at_once(nats, procs, queue_in):
     values = server.metrics()
     assert metric(values, "dynamo_frontend_worker_inflight_requests") == 0
     assert metric(values, "dynamo_frontend_inflight_requests") == 0
+
+
+def test_a_worker_over_the_decode_blocks_threshold_takes_no_new_request(nats, procs):
+    """--active-decode-blocks-threshold 0.5: one answer that reserves most of a small KV pool
+    makes the worker busy (as its record reports, renewed every 2/3 s here); with no queue
+    the next request is refused, and taken again once that answer has gone."""
+    endpoint = f"dyn://overload{next(NAMESPACES)}.backend.generate"
+    engine = {"max_num_seqs": 4, "num_gpu_blocks": 64}  # 16-token blocks: 1024 tokens
+    worker = Worker(nats.url, out="mocker", endpoint=endpoint, engine_args=engine)
+    procs.append(worker)
+    worker.wait_ready()
+    flags = ["--active-decode-blocks-threshold", "0.5", "--request-queue-limit", "0"]
+    server = frontend(nats.url, out=endpoint, args=flags)
+    procs.append(server)
+    server.wait_ready()
+    wait_models(server, [MODEL_NAME])
+    short = {
+        "model": MODEL_NAME, "max_tokens": 4,
+        "messages": [{"role": "user", "content": "hi"}],
+    }  # fmt: skip
+    long = {**short, "max_tokens": 700, "stream": True}  # ~46 of the 64 blocks, reserved
+    with httpx.Client(timeout=60) as http:
+        assert http.post(server.url + "/chat/completions", json=short).status_code == 200
+        with http.stream("POST", server.url + "/chat/completions", json=long) as busy:
+            lines = busy.iter_lines()  # kept: a dropped iterator closes the response
+            next(lines)
+            time.sleep(2.0)  # the worker's record shows the reservation
+            res = http.post(server.url + "/chat/completions", json=short)
+            assert res.status_code == 503, res.text
+            assert res.headers["retry-after"] == "1"
+            assert res.json()["error"]["code"] == "overloaded"
+        # The client hung up: its blocks are freed; the next record says so.
+        deadline = time.monotonic() + 10
+        while (res := http.post(server.url + "/chat/completions", json=short)).status_code != 200:
+            assert res.status_code == 503 and time.monotonic() < deadline, res.text
+            time.sleep(0.2)
