@@ -128,7 +128,8 @@ class GrpcModels:
         client = directory.get(name) if name else None
         if client is not None:
             return client
-        if directory.was_served(name):  # its workers are gone: one may come back
+        if directory.was_served(name) or (directory.where and not name and not names):
+            # Its workers are gone (or none serves any model yet): one may come back.
             raise RpcError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"no live instance serves model '{name}' in {directory.where}",
