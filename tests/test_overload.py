@@ -253,3 +253,41 @@ def test_a_worker_over_the_decode_blocks_threshold_takes_no_new_request(nats, pr
         while (res := http.post(server.url + "/chat/completions", json=short)).status_code != 200:
             assert res.status_code == 503 and time.monotonic() < deadline, res.text
             time.sleep(0.2)
+
+
+def test_a_cancel_right_behind_its_request_leaves_nothing_on_the_worker(nats):
+    """A client that hangs up at once sends Cancel just behind its request: the worker reads
+    both before the request's task first runs, and must not count it in flight (nor send it
+    heartbeats) for ever. Real worker endpoint, real mocker engine, real nats-server."""
+    import nats as nats_py
+
+    from dynamo_run.distributed.request_plane import EndpointServer
+    from dynamo_run.distributed.wire import Cancel, Work, encode
+    from dynamo_run.engine import EngineConfig
+    from dynamo_run.mocker.config import parse_settings
+    from dynamo_run.mocker.engine import MockerEngine
+    from dynamo_run.protocol.internal import PreprocessedRequest, StopConditions
+
+    async def scenario() -> tuple[int, int]:
+        worker_nc = await nats_py.connect(nats.url)
+        client_nc = await nats_py.connect(nats.url)
+        engine = MockerEngine(parse_settings(EngineConfig(extra=MOCKER)), [5, 6, 7])
+        server = EndpointServer(worker_nc, "dyn.cancel.at.once", engine, "i1")
+        await server.start()
+        try:
+            for k in range(20):
+                request = PreprocessedRequest(
+                    f"r{k}", [1, 2, 3, 4], stop=StopConditions(max_tokens=50)
+                )
+                await client_nc.publish(server.subject, encode(Work(request)), reply=f"in.{k}")
+                await client_nc.publish(server.subject, encode(Cancel(request.request_id)))
+            await client_nc.flush()
+            await asyncio.sleep(1.0)
+            return server.in_flight, engine.in_flight
+        finally:
+            await server.drain(1.0)
+            await engine.close()
+            await client_nc.close()
+            await worker_nc.close()
+
+    assert asyncio.run(scenario()) == (0, 0)
