@@ -69,6 +69,17 @@ class EngineCapabilities:
 CAPABILITY_METHODS = {"embeddings": "embed", "kv_events": "set_kv_event_sink"}
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """Requests an engine takes in at once (admission control, pipeline/admission.py).
+
+    ``now``: the requests the workers that are not busy take at once; ``nominal``: all
+    of them, busy or not (the default queue is sized from it)."""
+
+    now: int
+    nominal: int
+
+
 @runtime_checkable
 class Engine(Protocol):
     """What every engine provides. ``generate`` must stop promptly when its consumer
@@ -97,6 +108,11 @@ class Engine(Protocol):
         """Its live load: requests in flight (every engine counts them: /metrics), and the
         slots and KV blocks it has and uses where it knows them (discovery, routing)."""
         ...
+
+    def capacity(self) -> Capacity | None:
+        """What a remote engine's live workers take at once (it knows their slots and
+        KV use); local engines leave it to admission, which judges them from load()."""
+        return None
 
     async def embed(self, token_ids: list[list[int]]) -> list[list[float]]:
         """One embedding vector per tokenised input (``capabilities().embeddings``)."""

@@ -57,6 +57,7 @@ class Panel(StrEnum):
     GRPC = "gRPC"
     DISTRIBUTED = "Distributed"
     ROUTER = "Router"
+    ADMISSION = "Admission"
     BATCH = "Batch"
     SHELL = "Shell"
     PARSERS = "Parsers"
@@ -322,6 +323,38 @@ class Settings:
         bool,
         S("--router-mode kv: frontends share the load they put on each worker.", Panel.ROUTER),
     ] = False
+    # Admission control (in=http; over out=dyn, per worker)
+    max_inflight_per_worker: Annotated[
+        int | None,
+        S(
+            "in=http: requests a worker (or the local engine) takes at once; 0: no limit.",
+            Panel.ADMISSION,
+            metavar="N",
+            ge=0,
+            default_help="its decode slots",
+        ),
+    ] = None
+    request_queue_limit: Annotated[
+        int | None,
+        S(
+            "in=http: requests that wait for a busy model before a 503 with Retry-After.",
+            Panel.ADMISSION,
+            metavar="N",
+            ge=0,
+            default_help="twice its capacity",
+        ),
+    ] = None
+    active_decode_blocks_threshold: Annotated[
+        float | None,
+        S(
+            "in=http: a worker whose KV blocks are this full (0-1] is busy.",
+            Panel.ADMISSION,
+            metavar="F",
+            gt=0,
+            le=1,
+            default_help="off",
+        ),
+    ] = None
     # Batch
     output: Annotated[
         Path | None,

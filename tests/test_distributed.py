@@ -157,6 +157,38 @@ def test_sigkill_worker_leaves_within_its_lease(nats, procs):
     assert MODEL_NAME in error["message"] and "lease.backend.generate" in error["message"]
 
 
+def test_a_name_never_served_is_a_404_and_a_model_whose_workers_left_a_503(nats, procs):
+    """The openai client (default retries) gets NotFoundError at once for a name no worker
+    ever served, as from a local server, rather than retrying a 503; a model that was served
+    and whose workers all left stays a 503 (one may come back)."""
+    endpoint = "dyn://unknown.backend.generate"
+    (worker,) = start_workers(procs, nats.url, 1, endpoint=endpoint, engine_args={"delay_ms": 0})
+    fe = start_frontend(procs, nats.url, endpoint)
+    wait_models(fe, [MODEL_NAME])
+    retrying = openai.OpenAI(base_url=fe.url, api_key="unused", timeout=30)  # max_retries 2
+    messages = [{"role": "user", "content": "hi"}]
+    start = time.monotonic()
+    with pytest.raises(openai.NotFoundError) as info:
+        retrying.chat.completions.create(model="no-such-model", messages=messages)
+    assert time.monotonic() - start < 2  # a retried 503 waits ~1 s (Retry-After) twice
+    error = info.value.body
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert error["type"] == "invalid_request_error"
+    assert "`no-such-model` does not exist" in error["message"] and MODEL_NAME in error["message"]
+    values = fe.metrics()
+    assert metric(values, "dynamo_frontend_requests_total", status="404") == 1  # not retried
+    assert metric(values, "dynamo_frontend_requests_total", status="503") == 0
+    assert worker.stop() == 0
+    wait_models(fe, [], timeout=10)
+    with pytest.raises(openai.InternalServerError) as info:
+        openai_client(fe).chat.completions.create(model=MODEL_NAME, messages=messages)
+    assert info.value.status_code == 503
+    assert info.value.response.headers["retry-after"] == "1"
+    assert info.value.body["code"] == "no_instances"
+    with pytest.raises(openai.NotFoundError):  # still never served
+        openai_client(fe).chat.completions.create(model="no-such-model", messages=messages)
+
+
 def test_sigterm_deregisters_first_and_finishes_in_flight(nats, procs):
     endpoint = "dyn://term.backend.generate"
     (worker,) = start_workers(procs, nats.url, 1, endpoint=endpoint, engine_args={"delay_ms": 20})

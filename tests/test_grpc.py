@@ -370,12 +370,15 @@ def test_out_dyn_serves_the_workers_models() -> None:
         client.stop_stream()
         with pytest.raises(InferenceServerException) as info:
             client.infer("other-model", [text_input("x")])
-        assert _code(info.value) == "StatusCode.UNAVAILABLE"  # as HTTP's 503: may come later
+        assert _code(info.value) == "StatusCode.NOT_FOUND"  # never served: as HTTP's 404
         assert worker.stop() == 0
         deadline = time.monotonic() + 10
         while client.is_model_ready(MODEL_NAME) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not client.is_model_ready(MODEL_NAME)
+        with pytest.raises(InferenceServerException) as info:
+            client.infer(MODEL_NAME, [text_input("x")])
+        assert _code(info.value) == "StatusCode.UNAVAILABLE"  # its workers left: may come back
         assert server.stop() == 0
     finally:
         server.cleanup()

@@ -46,7 +46,11 @@ class Workers:
 
     def __init__(self, clients: list[ModelClient]) -> None:
         self.clients = {c.card.name: c for c in clients}
+        self.seen = set(self.clients)
         self.collector = InstanceSeries()
+
+    def was_served(self, name: str) -> bool:
+        return name in self.seen
 
     def names(self) -> list[str]:
         return sorted(self.clients)
@@ -124,10 +128,12 @@ def test_many_models_from_workers(card: ModelCard) -> None:
         assert models.lookup("b") is b and models.model_name() == ""
         with pytest.raises(ModelRequired):
             models.lookup(None)
-        with pytest.raises(NoInstances) as info:
-            models.lookup("c")  # a worker for it may come: unavailable, not unknown
-        assert info.value.where == workers.where
+        with pytest.raises(ModelNotFound):
+            models.lookup("c")  # never served here: unknown, no retry will help
         workers.clients.clear()
+        with pytest.raises(NoInstances) as info:
+            models.lookup("a")  # served, its workers gone: one may come back
+        assert info.value.where == workers.where
         with pytest.raises(NoInstances):
             models.lookup(None)
         # the directory's own series reach the server's registry, once
@@ -172,7 +178,7 @@ def test_http_routes_over_many_models(card: ModelCard) -> None:
             )
             assert res.status_code == 200 and res.json()["model"] == "b"
             res = await http.post("/v1/chat/completions", json={"model": "c", "messages": message})
-            assert res.status_code == 503 and res.json()["error"]["code"] == "no_instances"
+            assert res.status_code == 404 and res.json()["error"]["code"] == "model_not_found"
             assert "dynamo_test_instances 2.0" in (await http.get("/metrics")).text
 
     asyncio.run(scenario())

@@ -70,6 +70,9 @@ def test_batch_and_endpoints():
         ([], {"tls_cert_path": Path("cert.pem")}, "must be given together"),
         ([], {"batch_concurrency": 0}, "--batch-concurrency"),
         ([], {"generation_config": "nome"}, "did you mean 'none'"),
+        ([], {"max_inflight_per_worker": -1}, "--max-inflight-per-worker -1"),
+        ([], {"request_queue_limit": -2}, "--request-queue-limit -2"),
+        ([], {"active_decode_blocks_threshold": 1.5}, "--active-decode-blocks-threshold 1.5"),
         (["in=dyn://a.b.c", "out=dyn"], {}, "out=dyn cannot"),
     ],
 )

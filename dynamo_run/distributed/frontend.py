@@ -24,6 +24,7 @@ from dynamo_run.distributed.router import Router
 from dynamo_run.distributed.wire import InstanceRecord
 from dynamo_run.model.card import CardOverrides
 from dynamo_run.model.card_wire import card_from_bytes
+from dynamo_run.pipeline.admission import AdmissionSettings
 from dynamo_run.pipeline.client import ModelClient
 
 log = logging.getLogger("dynamo_run.frontend")
@@ -62,8 +63,10 @@ class RemoteModels:
         request_template: dict[str, Any] | None = None,
         generation_config: str = "auto",
         overrides: CardOverrides | None = None,
+        admission: AdmissionSettings | None = None,
     ) -> None:
         self.nc = nc
+        self.admission = admission or AdmissionSettings()
         self.overrides = overrides or CardOverrides()
         self.prefix = endpoint_prefix
         self.request_template = request_template
@@ -88,6 +91,7 @@ class RemoteModels:
         self.clients: dict[str, ModelClient] = {}
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._live_ids: set[str] = set()
+        self._seen: set[str] = set()  # every model an instance ever registered for
         self._changed = asyncio.Event()
 
     async def start(self) -> None:
@@ -122,6 +126,9 @@ class RemoteModels:
 
     def get(self, name: str) -> ModelClient | None:
         return self.clients.get(name)
+
+    def was_served(self, name: str) -> bool:
+        return name in self._seen
 
     def instances_of(self, model: str) -> list[InstanceRecord]:
         return [r for r in self.watcher.instances.values() if r.model == model]
@@ -163,6 +170,7 @@ class RemoteModels:
         by_model: dict[str, InstanceRecord] = {}
         for record in live:
             by_model.setdefault(record.model, record)
+        self._seen.update(by_model)
         for model, record in by_model.items():
             if model not in self.clients and model not in self._loading:
                 self._loading[model] = asyncio.create_task(self._add_model(record))
@@ -193,6 +201,7 @@ class RemoteModels:
             self.migration_limit,
             f"{record.namespace}.{record.component}.{record.endpoint}",
             self.stats,
+            self.admission,
         )
         self.clients[record.model] = ModelClient(
             card, engine, self.request_template, self.generation_config

@@ -13,6 +13,7 @@ import sys
 
 from dynamo_run.errors import RunError
 from dynamo_run.model.card import CardOverrides
+from dynamo_run.pipeline.admission import AdmissionSettings
 from dynamo_run.pipeline.client import ModelClient
 from dynamo_run.spec import RunSpec
 
@@ -68,6 +69,7 @@ class RemoteOutput:
             self.spec.request_template,
             flags.generation_config,
             self.overrides,
+            AdmissionSettings.from_flags(flags),
         )
         await self.models.start()
         if for_http:

@@ -4,11 +4,20 @@ worker instances exactly as it would from an in-process engine.
 Faults: an instance that fails before sending any token is replaced by another at once; one
 that dies mid-stream is replaced up to ``--migration-limit`` times by sending the prompt plus
 the tokens already streamed to another instance, so the client sees one unbroken stream.
+
+Busy workers: an instance with as many of this frontend's requests as it has decode slots
+(``--max-inflight-per-worker``), or over ``--active-decode-blocks-threshold``, takes no new
+request; when every instance is busy, requests wait here, first come first served, for one
+to free a slot. Waiting here rather than in the worker's engine keeps the next free slot for
+whichever worker frees it, and a client that hangs up leaves this queue at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections import deque
 from collections.abc import AsyncGenerator, Callable
 
 import msgspec
@@ -17,7 +26,8 @@ from dynamo_run.distributed.kv_router import KvRouter
 from dynamo_run.distributed.request_plane import RequestPlaneClient, WorkerFailed, WorkerLost
 from dynamo_run.distributed.router import Router
 from dynamo_run.distributed.wire import InstanceRecord, Work
-from dynamo_run.engine import Engine, EngineCapabilities
+from dynamo_run.engine import Capacity, Engine, EngineCapabilities
+from dynamo_run.pipeline.admission import AdmissionSettings
 from dynamo_run.pipeline.client import EngineUnavailable
 from dynamo_run.protocol.internal import (
     FINISH_ERROR,
@@ -28,6 +38,10 @@ from dynamo_run.protocol.internal import (
 )
 
 log = logging.getLogger("dynamo_run.remote")
+
+# A waiting request looks again this often even if no slot was freed (a worker came, or its
+# reported KV use fell below the threshold).
+RECHECK_S = 0.25
 
 
 class InstanceStats:
@@ -52,6 +66,7 @@ class RemoteEngine(Engine):
         migration_limit: int = 0,
         namespace_hint: str = "",
         stats: InstanceStats | None = None,
+        admission: AdmissionSettings | None = None,
     ) -> None:
         self.model = model
         self.instances = instances
@@ -60,7 +75,67 @@ class RemoteEngine(Engine):
         self.migration_limit = migration_limit
         self.namespace_hint = namespace_hint
         self.stats = stats or InstanceStats()
+        self.admission = admission or AdmissionSettings()
         self.in_flight = 0
+        self._waiters: deque[asyncio.Event] = deque()  # requests waiting for a free slot
+
+    # --- busy workers -------------------------------------------------------------------
+    def _limit(self, record: InstanceRecord) -> int:
+        return self.admission.limit_of(record.load.slots_total)
+
+    def _busy(self, record: InstanceRecord) -> bool:
+        limit = self._limit(record)
+        if limit and self.router.in_flight[record.instance_id] >= limit:
+            return True
+        load = record.load
+        return self.admission.blocks_busy(load.kv_blocks_used, load.kv_blocks_total)
+
+    def capacity(self) -> Capacity | None:
+        """What the live instances take at once (None: unknown, so no limit)."""
+        live = self.instances()
+        limits = [self._limit(r) for r in live]
+        if not live or not all(limits):
+            return None
+        settings = self.admission
+        now = sum(
+            limit
+            for r, limit in zip(live, limits, strict=True)
+            if not settings.blocks_busy(r.load.kv_blocks_used, r.load.kv_blocks_total)
+        )
+        return Capacity(now, sum(limits))
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting here for a worker with a free slot."""
+        return len(self._waiters)
+
+    def _has_room(self) -> bool:
+        live = self.instances()
+        return not live or any(not self._busy(r) for r in live)
+
+    def _wake_next(self) -> None:
+        if self._waiters:
+            self._waiters[0].set()
+
+    async def _wait_for_room(self) -> None:
+        """Until an instance is not busy, behind the requests that came first."""
+        if not self._waiters and self._has_room():
+            return
+        turn = asyncio.Event()
+        self._waiters.append(turn)
+        try:
+            while True:
+                timeout = None  # behind others: woken when the one ahead leaves
+                if self._waiters[0] is turn:
+                    if self._has_room():
+                        return
+                    timeout = RECHECK_S
+                turn.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(turn.wait(), timeout)
+        finally:
+            self._waiters.remove(turn)  # also when the client hung up while waiting
+            self._wake_next()  # the next one looks (there may be room for it too)
 
     def capabilities(self) -> EngineCapabilities:
         """What the workers registered (their InstanceRecord). Guided decoding only when
@@ -90,9 +165,14 @@ class RemoteEngine(Engine):
         cached_reported = False
         self.in_flight += 1
         try:
+            await self._wait_for_room()
             while True:
                 attempt_ids = prompt + generated
-                choice = self.router.choose(self.model, self.instances(), attempt_ids, tried)
+                live = self.instances()
+                free = [r for r in live if not self._busy(r)]
+                choice = self.router.choose(self.model, free or live, attempt_ids, tried)
+                if choice is None and free:  # every free one failed it: any other then
+                    choice = self.router.choose(self.model, live, attempt_ids, tried)
                 instance = None if choice is None else choice[0]
                 if choice is None or instance is None:
                     where = f" in {self.namespace_hint}" if self.namespace_hint else ""
@@ -149,6 +229,7 @@ class RemoteEngine(Engine):
                     self.router.in_flight[instance.instance_id] -= 1
                     if active:
                         self.router.remove_active(instance.instance_id, active)
+                    self._wake_next()
         finally:
             self.in_flight -= 1
 

@@ -92,7 +92,13 @@ class EndpointServer:
             await self._send(msg.reply, Fail(f"instance {self.instance_id} is shutting down"))
             return
         task = asyncio.create_task(self._serve(message, msg.reply), name=f"serve-{request_id}")
-        self.active[request_id] = _Active(task, msg.reply)
+        active = self.active[request_id] = _Active(task, msg.reply)
+        # A Cancel that comes before the task first runs ends it without running its body.
+        task.add_done_callback(lambda _: self._forget(request_id, active))
+
+    def _forget(self, request_id: str, active: _Active) -> None:
+        if self.active.get(request_id) is active:
+            del self.active[request_id]
 
     async def _send(self, inbox: str, message: Ack | Out | Heartbeat | End | Fail) -> None:
         await self.nc.publish(inbox, encode(message))

@@ -22,6 +22,11 @@ class ModelDirectory(Protocol):
         """The client for ``name``, or None if nothing serves it now."""
         ...
 
+    def was_served(self, name: str) -> bool:
+        """Whether ``name`` was ever served here: a model whose workers are gone or not
+        ready is unavailable for now (503), a name never seen does not exist (404)."""
+        ...
+
     @property
     def where(self) -> str:
         """Where models are looked for, for error messages ("" for a local model)."""
@@ -48,3 +53,6 @@ class SingleModel:
 
     def metrics_collector(self) -> Collector | None:
         return None  # the engine's gauges are the server's (FrontendMetrics.watch_engine)
+
+    def was_served(self, name: str) -> bool:
+        return name == self.client.card.name

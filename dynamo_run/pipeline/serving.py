@@ -14,6 +14,12 @@ import time
 
 from dynamo_run.errors import RunError
 from dynamo_run.metrics import FrontendMetrics
+from dynamo_run.pipeline.admission import (
+    Admission,
+    AdmissionSettings,
+    Ticket,
+    capacity_of,
+)
 from dynamo_run.pipeline.client import ModelClient
 from dynamo_run.pipeline.directory import ModelDirectory, SingleModel
 
@@ -71,11 +77,14 @@ class ServedModels:
         self,
         loading: asyncio.Task[ModelClient] | asyncio.Task[ModelClient | ModelDirectory],
         metrics: FrontendMetrics | None = None,
+        admission: AdmissionSettings | None = None,
     ) -> None:
         self.loading = loading
         self.metrics = metrics or FrontendMetrics()
         self.created = int(time.time())
+        self.admission = admission or AdmissionSettings()
         self._directory: ModelDirectory | None = None
+        self._gates: dict[str, tuple[ModelClient, Admission]] = {}
         loading.add_done_callback(lambda task: self.loaded())
 
     def loaded(self) -> ModelDirectory | None:
@@ -132,9 +141,27 @@ class ServedModels:
         client = directory.get(name)
         if client is not None:
             return client
-        if directory.where:
-            raise NoInstances(name, directory.where)
-        raise ModelNotFound(name, names)
+        if directory.where and directory.was_served(name):
+            raise NoInstances(name, directory.where)  # its workers are gone, or busy coming
+        raise ModelNotFound(name, names)  # a name never served: no retry will help
+
+    def _gate(self, client: ModelClient) -> Admission:
+        gate = self._gates.get(client.card.name)
+        if gate is None or gate[0] is not client:  # first request, or the model came back
+            capacity = capacity_of(client.engine, self.admission)
+            gate = (client, Admission(capacity, self.admission, client.card.name))
+            self._gates[client.card.name] = gate
+        return gate[1]
+
+    def check_room(self, client: ModelClient) -> None:
+        """Raise Overloaded at once, before any templating, if the model takes no request
+        now (cheap, so that refusing costs little under overload)."""
+        self._gate(client).check()
+
+    def admit(self, client: ModelClient, choices: int) -> Ticket:
+        """Count a request's ``choices`` against its model's capacity and queue, or raise
+        Overloaded when both are full. Release the ticket when the answer ends."""
+        return self._gate(client).enter(choices)
 
     def model_name(self) -> str:
         """The metrics label for requests that name no model: the model, when only one."""

@@ -36,9 +36,11 @@ LEASE_S = float(os.environ.get("DYN_LEASE_S", str(DEFAULT_LEASE_S)))
 
 def _engine_load(client: ModelClient, server: EndpointServer) -> EngineLoad:
     load = client.engine.load()
+    # Frontends size their per-worker limit from the slots.
+    slots = load.slots_total or client.engine.capabilities().max_concurrency or 0
     return EngineLoad(
         in_flight=server.in_flight,
-        slots_total=load.slots_total,
+        slots_total=slots,
         slots_busy=load.slots_busy,
         kv_blocks_total=load.kv_blocks_total,
         kv_blocks_used=load.kv_blocks_used,

@@ -20,6 +20,7 @@ import grpc
 
 from dynamo_run.inputs.grpc.service import InferenceService
 from dynamo_run.inputs.http.server import run_http
+from dynamo_run.pipeline.admission import AdmissionSettings
 from dynamo_run.pipeline.serving import ServedModels, describe, load_failed
 from dynamo_run.spec import RunSpec
 
@@ -135,7 +136,7 @@ async def run_http_grpc(loading: asyncio.Task[Any], spec: RunSpec) -> int:
     """``in=http,grpc``: both servers over one set of served models (and so one metrics
     registry, whose /metrics is on the HTTP port); the HTTP server owns the lifetime
     (signals, failed loads)."""
-    models = ServedModels(loading)
+    models = ServedModels(loading, admission=AdmissionSettings.from_flags(spec.flags))
     try:
         server, port = await start_grpc(models, spec)
     except GrpcStartError as exc:

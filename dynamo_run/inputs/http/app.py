@@ -6,6 +6,7 @@ before validation; the OpenAPI document still describes them (see ``_openapi``).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -18,10 +19,15 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from dynamo_run import __version__
-from dynamo_run.inputs.http.errors import ApiError, install_error_handlers, validation_error
+from dynamo_run.inputs.http.errors import (
+    ApiError,
+    install_error_handlers,
+    validation_error,
+)
 from dynamo_run.inputs.http.generate import Generation, collect, sse_events, unless_disconnected
 from dynamo_run.inputs.http.middleware import ServerMiddleware, request_info
 from dynamo_run.inputs.http.render import ChatChunks, CompletionChunks, dumps
+from dynamo_run.pipeline.admission import Ticket
 from dynamo_run.pipeline.client import Completion, ModelClient
 from dynamo_run.pipeline.preprocess import new_request_id
 from dynamo_run.pipeline.responses import (
@@ -68,27 +74,45 @@ class SSEResponse(StreamingResponse):
     client that hangs up releases the engine at once rather than at garbage collection."""
 
     def __init__(
-        self, content: Any, late_headers: Callable[[], dict[str, str]] | None = None
+        self,
+        content: Any,
+        late_headers: Callable[[], dict[str, str]] | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
         self.late_headers = late_headers  # headers known once the first event is ready
+        self.on_close = on_close  # called once the response ended, however it ended
         self._events = content
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            if self.late_headers is not None:
-                await self._prime()
-            await super().__call__(scope, receive, send)
+            if self.late_headers is None or await self._prime(receive):
+                await super().__call__(scope, receive, send)
         finally:
             await self._events.aclose()
+            if self.on_close is not None:
+                self.on_close()
 
-    async def _prime(self) -> None:
-        """Wait for the first event, then add the headers it made known."""
+    async def _prime(self, receive: Receive) -> bool:
+        """Wait for the first event, then add the headers it made known. False if the
+        client hung up first: waiting for a worker's first token (queued behind others)
+        must not outlast the client, or abandoned requests stay queued everywhere."""
         events = self._events
+        first_event = asyncio.ensure_future(events.__anext__())
+        gone = asyncio.ensure_future(_disconnect(receive))
         try:
-            first = await events.__anext__()
+            await asyncio.wait({first_event, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (first_event, gone):
+                if not task.done():
+                    task.cancel()
+            await asyncio.wait({first_event, gone})
+        if not first_event.done() or first_event.cancelled():
+            return False
+        try:
+            first = first_event.result()
         except StopAsyncIteration:
-            return
+            return True
         assert self.late_headers is not None
         for name, value in self.late_headers().items():
             self.headers[name] = value
@@ -99,6 +123,21 @@ class SSEResponse(StreamingResponse):
                 yield event
 
         self.body_iterator = chained()
+        return True
+
+
+async def _disconnect(receive: Receive) -> None:
+    """Returns when the client has hung up (the request body was read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _not_found(name: str, names: list[str], where: str) -> str:
+    """The 404 message for a model name never served here (as OpenAI's, plus what is)."""
+    if names:
+        served = ", ".join(f"`{n}`" for n in names)
+        return f"The model `{name}` does not exist; this server serves {served}."
+    return f"The model `{name}` does not exist; no worker in {where} serves a model now."
 
 
 def _json_body(body: dict[str, Any], status: int = 200) -> Response:
@@ -242,6 +281,7 @@ def create_app(models: ServedModels, api_key: str | None = None) -> ServerMiddle
         """Chat completion, streamed (SSE) or whole."""
         arrival = time.perf_counter()
         client, body = await _client_and_body(models, request)
+        models.check_room(client)
         info = request_info(request.scope)
         req = _parse(client, body, ChatCompletionRequest)
         prepared = client.prepare_chat(req)  # tools, response_format: 400 if unservable
@@ -249,12 +289,15 @@ def create_app(models: ServedModels, api_key: str | None = None) -> ServerMiddle
         gen = Generation(client, [prepared], req.n, metrics, arrival, info, top_n)
         head = new_request_id("chatcmpl"), int(time.time()), client.card.name
         texts = _token_texts(client, top_n)
+        ticket = models.admit(client, req.n)
         if req.stream:
-            return _stream(gen, ChatChunks(*head, _include_usage(req), texts, top_n or 0))
+            chunks = ChatChunks(*head, _include_usage(req), texts, top_n or 0)
+            return _stream(gen, chunks, ticket)
         return await _whole(
             request,
             gen,
             lambda done: chat_completion_body(*head, prepared, done, texts, top_n or 0),
+            ticket,
         )
 
     @app.post(
@@ -266,6 +309,7 @@ def create_app(models: ServedModels, api_key: str | None = None) -> ServerMiddle
         """Text completion of one prompt or a batch of prompts, streamed (SSE) or whole."""
         arrival = time.perf_counter()
         client, body = await _client_and_body(models, request)
+        models.check_room(client)
         info = request_info(request.scope)
         req = _parse(client, body, CompletionRequest)
         prompts = client.preprocessor.completion(req)
@@ -273,16 +317,18 @@ def create_app(models: ServedModels, api_key: str | None = None) -> ServerMiddle
         gen = Generation(client, prompts, req.n, metrics, arrival, info, top_n)
         head = new_request_id("cmpl"), int(time.time()), client.card.name
         texts = _token_texts(client, top_n)
+        ticket = models.admit(client, len(prompts) * req.n)
         if req.stream:
             echoed = [p.prompt_text for p in gen.choices()] if req.echo else None
             chunks = CompletionChunks(
                 *head, _include_usage(req), texts, top_n or 0, echo_prompts=echoed
             )
-            return _stream(gen, chunks)
+            return _stream(gen, chunks, ticket)
         return await _whole(
             request,
             gen,
             lambda done: text_completion_body(*head, prompts, done, req.echo, texts, top_n or 0),
+            ticket,
         )
 
     @app.post(
@@ -339,23 +385,30 @@ def _token_texts(client: ModelClient, top_n: int | None) -> TokenTexts | None:
     return None if top_n is None else TokenTexts(client.card.tokenizer)
 
 
-def _stream(gen: Generation, chunks: ChatChunks | CompletionChunks) -> Response:
+def _stream(gen: Generation, chunks: ChatChunks | CompletionChunks, ticket: Ticket) -> Response:
     gen.info.request_type = "stream"
     if not gen.client.engine.capabilities().remote:
-        return SSEResponse(sse_events(gen, chunks))
+        return SSEResponse(sse_events(gen, chunks), on_close=ticket.release)
     gen.hold_opening = True
     return SSEResponse(
         sse_events(gen, chunks),
         lambda: {WORKER_HEADER: ",".join(gen.workers)} if gen.workers else {},
+        ticket.release,
     )
 
 
 async def _whole(
-    request: Request, gen: Generation, body: Callable[[list[Completion]], dict[str, Any]]
+    request: Request,
+    gen: Generation,
+    body: Callable[[list[Completion]], dict[str, Any]],
+    ticket: Ticket,
 ) -> Response:
     """Run every choice to the end and answer with the body built from them (204 if the
     client hung up first)."""
-    done = await unless_disconnected(request, collect(gen), gen.info)
+    try:
+        done = await unless_disconnected(request, collect(gen), gen.info)
+    finally:
+        ticket.release()
     if done is None:
         return Response(status_code=204)
     response = _json_body(body(done))

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from dynamo_run.errors import RequestError
+from dynamo_run.pipeline.admission import RETRY_AFTER_S, Overloaded
 from dynamo_run.pipeline.client import EngineFailure, EngineUnavailable
 from dynamo_run.pipeline.serving import (
     ModelNotFound,
@@ -121,6 +122,12 @@ def engine_error(exc: EngineFailure) -> ApiError:
     return ApiError(500, f"the engine failed: {exc}", code="engine_error")
 
 
+def overloaded_error(exc: EngineUnavailable) -> ApiError:
+    """Admission refused a request: 503 with Retry-After, which clients (openai's too)
+    wait before they try again."""
+    return ApiError(503, str(exc), code="overloaded", headers={"retry-after": str(RETRY_AFTER_S)})
+
+
 def known_error(exc: Exception, method: str = "", path: str = "") -> ApiError | None:
     """The OpenAI error for an exception the server expects, or None for a bug."""
     if isinstance(exc, ApiError):
@@ -131,6 +138,8 @@ def known_error(exc: Exception, method: str = "", path: str = "") -> ApiError | 
         return request_error(exc)
     if isinstance(exc, ServingError):
         return serving_error(exc)
+    if isinstance(exc, Overloaded):
+        return overloaded_error(exc)
     if isinstance(exc, EngineFailure):
         log.error("%s %s: engine failure: %s", method, path, exc)
         return engine_error(exc)

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from dynamo_run.inputs.http.app import create_app
+from dynamo_run.pipeline.admission import AdmissionSettings
 from dynamo_run.pipeline.client import ModelClient
 from dynamo_run.pipeline.serving import ServedModels, describe, load_failed
 from dynamo_run.spec import RunSpec
@@ -112,7 +113,7 @@ async def run_http(
     flags = spec.flags
     api_key = flags.api_key or None  # --api-key / DYN_API_KEY
     _quiet_uvicorn(flags.verbosity)
-    models = models or ServedModels(loading)
+    models = models or ServedModels(loading, admission=AdmissionSettings.from_flags(flags))
     tls = flags.tls_cert_path is not None
     config = uvicorn.Config(
         create_app(models, api_key),
