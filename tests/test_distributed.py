@@ -6,17 +6,23 @@ for a lease) never answer for it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import threading
 import time
 
 import httpx
+import nats as nats_py
 import openai
 import pytest
 from conftest import run_cli
 from dist_helpers import NatsServer, Worker, frontend, start_nats, start_procs, wait_models
 from http_helpers import MODEL_NAME, metric
+
+from dynamo_run.distributed.request_plane import RequestPlaneClient, WorkerLost
+from dynamo_run.distributed.wire import Work, instance_subject
+from dynamo_run.protocol.internal import PreprocessedRequest, StopConditions
 
 LONG_PROMPT = " ".join(f"word{i}" for i in range(120))
 
@@ -177,6 +183,53 @@ def test_sigterm_deregisters_first_and_finishes_in_flight(nats, procs):
     thread.join(30)
     assert result["reply"].choices[0].finish_reason == "length"
     assert result["reply"].usage.completion_tokens == 100
+    assert worker.stop() == 0
+
+
+def test_a_draining_worker_refuses_new_work_as_retryable_at_once(nats, procs):
+    """A request that reaches a worker after it left discovery (a frontend's view lags) is
+    refused with a retryable Fail at once, which the request plane turns into WorkerLost
+    (the frontend's cue to try or migrate elsewhere), not left to the ack timeout."""
+    endpoint = "dyn://refuse.backend.generate"
+    (worker,) = start_workers(procs, nats.url, 1, endpoint=endpoint, engine_args={"delay_ms": 20})
+    fe = start_frontend(procs, nats.url, endpoint)
+    wait_models(fe, [MODEL_NAME])
+    client = openai_client(fe)
+    result: dict = {}
+
+    def long_request() -> None:
+        result["reply"] = client.completions.create(
+            model=MODEL_NAME, prompt=LONG_PROMPT, max_tokens=100
+        )
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(0.6)  # the request is being served
+    worker.proc.send_signal(signal.SIGTERM)
+    wait_models(fe, [], timeout=1.5)  # left discovery; still draining the long request
+
+    async def late_request() -> tuple[str, float]:
+        nc = await nats_py.connect(nats.url)
+        try:
+            plane = RequestPlaneClient(nc, ack_timeout=5.0, silence_timeout=5.0)
+            await plane.start()
+            request = PreprocessedRequest("late-1", [1, 2, 3], stop=StopConditions(max_tokens=4))
+            work = Work(request)
+            subject = instance_subject("refuse", "backend", "generate", worker.instance_id)
+            started = time.monotonic()
+            try:
+                async for _ in plane.stream(subject, worker.instance_id, work):
+                    pass
+            except WorkerLost as exc:
+                return str(exc), time.monotonic() - started
+            return "answered", time.monotonic() - started
+        finally:
+            await nc.close()
+
+    message, took = asyncio.run(late_request())
+    assert "shutting down" in message and took < 1.0, (message, took)
+    thread.join(30)
+    assert result["reply"].usage.completion_tokens == 100  # the in-flight one still finished
     assert worker.stop() == 0
 
 

@@ -7,10 +7,11 @@ import asyncio
 import time
 from types import SimpleNamespace
 
+import msgspec
 import pytest
 
 from dynamo_run.distributed.remote_engine import _continuation
-from dynamo_run.distributed.request_plane import RequestPlaneClient, WorkerLost
+from dynamo_run.distributed.request_plane import RequestPlaneClient, WorkerFailed, WorkerLost
 from dynamo_run.distributed.router import Router
 from dynamo_run.distributed.wire import (
     Ack,
@@ -66,6 +67,17 @@ def test_messages_round_trip():
     rec = record("abc")
     rec.load = EngineLoad(in_flight=2, slots_total=4, slots_busy=2)
     assert decode_record(encode_record(rec)) == rec
+
+
+def test_fail_says_whether_another_instance_may_retry():
+    refusal = Fail("instance a is shutting down", retryable=True)
+    assert decode_to_frontend(encode(refusal)) == refusal
+
+    # A Fail sent without the field (an engine error) is not retryable.
+    class BareFail(msgspec.Struct, tag="fail", array_like=True):
+        message: str
+
+    assert decode_to_frontend(encode(BareFail("boom"))) == Fail("boom", retryable=False)
 
 
 def test_model_card_travels_whole(default_card):
@@ -186,5 +198,30 @@ def test_request_plane_stream_takes_queued_bursts_in_order_and_times_out_when_si
                 await pending
             assert decode_to_worker(nc.published[-1][1]) == Cancel("req-1")
         assert not plane._streams
+
+    asyncio.run(main())
+
+
+def test_request_plane_migrates_on_a_retryable_fail_only():
+    """The flag decides, not the message text: a retryable refusal is WorkerLost (the
+    frontend tries or migrates elsewhere), an engine error that merely mentions shutting
+    down is WorkerFailed."""
+
+    async def main() -> None:
+        nc = FakeNats()
+        plane = RequestPlaneClient(nc, ack_timeout=1.0, silence_timeout=1.0)
+        await plane.start()
+        cases = (
+            (Fail("instance a is shutting down", retryable=True), WorkerLost),
+            (Fail("RuntimeError: scheduler is shutting down"), WorkerFailed),
+        )
+        for fail, raised in cases:
+            nc.published.clear()
+            stream = plane.stream("dyn.ns.c.e.a", "a", Work(request()))
+            pending = asyncio.ensure_future(stream.__anext__())
+            await asyncio.sleep(0.01)
+            await nc.reply(fail)
+            with pytest.raises(raised, match="shutting down"):
+                await pending
 
     asyncio.run(main())

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js import api as js_api
@@ -213,10 +214,8 @@ class InstanceWatcher:
                 while not self._restart.is_set():
                     try:
                         entry = await watcher.updates(timeout=1.0)
-                    except Exception as exc:  # nats TimeoutError: nothing new
-                        if type(exc).__name__ == "TimeoutError":
-                            continue
-                        raise
+                    except nats.errors.TimeoutError:  # nothing new
+                        continue
                     if entry is None:
                         self._synced.set()
                         continue
