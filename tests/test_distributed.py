@@ -20,9 +20,15 @@ from conftest import run_cli
 from dist_helpers import NatsServer, Worker, frontend, start_nats, start_procs, wait_models
 from http_helpers import MODEL_NAME, metric
 
+from dynamo_run.distributed.discovery import (
+    CLOCK_SKEW_S,
+    InstanceWatcher,
+    instances_bucket,
+)
 from dynamo_run.distributed.request_plane import RequestPlaneClient, WorkerLost
-from dynamo_run.distributed.wire import Work, instance_subject
+from dynamo_run.distributed.wire import InstanceRecord, Work, encode_record, instance_subject
 from dynamo_run.protocol.internal import PreprocessedRequest, StopConditions
+from dynamo_run.ps import live_instances
 
 LONG_PROMPT = " ".join(f"word{i}" for i in range(120))
 
@@ -231,6 +237,47 @@ def test_a_draining_worker_refuses_new_work_as_retryable_at_once(nats, procs):
     thread.join(30)
     assert result["reply"].usage.completion_tokens == 100  # the in-flight one still finished
     assert worker.stop() == 0
+
+
+def test_ps_and_frontends_judge_liveness_alike(nats):
+    """Records already in the bucket: `dynamo-run ps` and a frontend that starts watching
+    count the same ones live (one rule); a put seen live counts however skewed the worker's
+    clock, since the frontend times it on its own."""
+
+    def rec(instance_id: str, age_s: float) -> InstanceRecord:
+        now = time.time()
+        return InstanceRecord(
+            instance_id=instance_id, namespace="alike", component="c", endpoint="e",
+            subject=f"dyn.alike.c.e.{instance_id}", model="m", engine="echo", host="h",
+            pid=1, card_digest="d", started_at=now - 60, updated_at=now - age_s, lease_s=3.0,
+        )  # fmt: skip
+
+    async def main() -> tuple[set[str], set[str], set[str]]:
+        nc = await nats_py.connect(nats.url)
+        try:
+            bucket = await instances_bucket(nc.jetstream())
+            for record in (rec("fresh", 0.5), rec("recent", 2 + CLOCK_SKEW_S), rec("old", 20)):
+                await bucket.put(record.key, encode_record(record))
+            in_ps = {r.instance_id for r in await live_instances(nc, "alike")}
+            watcher = InstanceWatcher(nc, prefix="alike.c.e")
+            await watcher.start()
+            assert await watcher.wait_synced()
+            at_start = {r.instance_id for r in watcher.instances.values()}
+            skewed = rec("skewed", 60)  # its host's clock is a minute behind
+            await bucket.put(skewed.key, encode_record(skewed))
+            await asyncio.sleep(0.5)
+            later = {r.instance_id for r in watcher.instances.values()}
+            await watcher.stop()
+            for key in await bucket.keys():
+                if key.startswith("alike."):
+                    await bucket.delete(key)
+            return in_ps, at_start, later
+        finally:
+            await nc.close()
+
+    in_ps, at_start, later = asyncio.run(main())
+    assert in_ps == at_start == {"fresh", "recent"}
+    assert later == {"fresh", "recent", "skewed"}
 
 
 def test_nats_restart_under_way(procs):

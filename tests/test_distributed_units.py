@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import msgspec
 import pytest
 
+from dynamo_run.distributed.discovery import CLOCK_SKEW_S, is_live, wall_clock_age
 from dynamo_run.distributed.remote_engine import _continuation
 from dynamo_run.distributed.request_plane import RequestPlaneClient, WorkerFailed, WorkerLost
 from dynamo_run.distributed.router import Router
@@ -225,3 +226,12 @@ def test_request_plane_migrates_on_a_retryable_fail_only():
                 await pending
 
     asyncio.run(main())
+
+
+def test_one_liveness_rule_timed_on_one_clock_or_across_two():
+    rec = record("a")  # lease 3 s
+    assert is_live(rec, 3.0, own_clock=True) and not is_live(rec, 3.01, own_clock=True)
+    # An age read from updated_at (the worker's clock) allows for the hosts' clock skew.
+    assert is_live(rec, 3.0 + CLOCK_SKEW_S, own_clock=False)
+    assert not is_live(rec, 3.01 + CLOCK_SKEW_S, own_clock=False)
+    assert wall_clock_age(rec, now=rec.updated_at + 2.5) == 2.5

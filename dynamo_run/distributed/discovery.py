@@ -36,6 +36,24 @@ log = logging.getLogger("dynamo_run.discovery")
 DEFAULT_LEASE_S = 3.0
 # Records older than this are removed by the server even if no frontend ever saw them go.
 BUCKET_TTL_S = 30.0
+# How far two hosts' wall clocks may disagree: the allowance when a record's age can only be
+# read from its ``updated_at`` (the worker's clock) rather than timed on the observer's own.
+CLOCK_SKEW_S = 5.0
+
+
+def is_live(record: InstanceRecord, age_s: float, *, own_clock: bool) -> bool:
+    """The one liveness rule, for frontends and ``dynamo-run ps``: an instance is live while
+    its last lease put is at most one lease old. ``own_clock``: ``age_s`` was timed on the
+    observer's clock since it saw the put (a frontend watching); otherwise it is the time
+    since ``record.updated_at`` (see :func:`wall_clock_age`) and may be off by the skew
+    between the two hosts' clocks, so it gets CLOCK_SKEW_S of allowance."""
+    allowance = 0.0 if own_clock else CLOCK_SKEW_S
+    return age_s <= record.lease_s + allowance
+
+
+def wall_clock_age(record: InstanceRecord, now: float | None = None) -> float:
+    """Seconds since the record was put, by this host's wall clock against the worker's."""
+    return (time.time() if now is None else now) - record.updated_at
 
 
 async def instances_bucket(js: JetStreamContext):
@@ -211,15 +229,17 @@ class InstanceWatcher:
             try:
                 bucket = await instances_bucket(self.js)
                 watcher = await bucket.watch(pattern)
+                replaying = True  # records put before the watch began, until None
                 while not self._restart.is_set():
                     try:
                         entry = await watcher.updates(timeout=1.0)
                     except nats.errors.TimeoutError:  # nothing new
                         continue
                     if entry is None:
+                        replaying = False
                         self._synced.set()
                         continue
-                    self._apply(entry.key, entry.value, entry.operation)
+                    self._apply(entry.key, entry.value, entry.operation, replayed=replaying)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -230,7 +250,11 @@ class InstanceWatcher:
                     with contextlib.suppress(Exception):
                         await watcher.stop()
 
-    def _apply(self, key: str, value: bytes | None, operation: str | None) -> None:
+    def _apply(
+        self, key: str, value: bytes | None, operation: str | None, replayed: bool = False
+    ) -> None:
+        """A put or delete from the watch. A put seen live was just made; a ``replayed`` one
+        (made before the watch began) may be a dead worker's last, judged by its age."""
         if operation in ("DEL", "PURGE") or not value:
             if self.instances.pop(key, None) is not None:
                 self._seen.pop(key, None)
@@ -241,8 +265,8 @@ class InstanceWatcher:
         except Exception as exc:
             log.warning("discovery: ignoring a malformed record %s: %s", key, exc)
             return
-        if time.time() - record.updated_at > record.lease_s * 4:
-            return  # an old record replayed at start: its worker is gone (clock skew bound)
+        if replayed and not is_live(record, wall_clock_age(record), own_clock=False):
+            return  # an old record replayed at start: its worker is gone
         known = key in self.instances
         old = self.instances.get(key)
         self.instances[key] = record
@@ -261,7 +285,7 @@ class InstanceWatcher:
             expired = [
                 key
                 for key, record in self.instances.items()
-                if now - self._seen.get(key, now) > record.lease_s
+                if not is_live(record, now - self._seen.get(key, now), own_clock=True)
             ]
             for key in expired:
                 log.info("discovery: instance %s missed its lease; dropped", key)
