@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import threading
 import time
@@ -18,16 +19,17 @@ import openai
 import pytest
 from conftest import run_cli
 from dist_helpers import NatsServer, Worker, frontend, start_nats, start_procs, wait_models
-from http_helpers import MODEL_NAME, metric
+from http_helpers import MODEL_NAME, free_port, metric, parse_metrics
 
 from dynamo_run.distributed.discovery import (
     CLOCK_SKEW_S,
     InstanceWatcher,
     instances_bucket,
 )
+from dynamo_run.distributed.kv_events import KvEventPublisher
 from dynamo_run.distributed.request_plane import RequestPlaneClient, WorkerLost
 from dynamo_run.distributed.wire import InstanceRecord, Work, encode_record, instance_subject
-from dynamo_run.protocol.internal import PreprocessedRequest, StopConditions
+from dynamo_run.protocol.internal import KvCacheEvent, PreprocessedRequest, StopConditions
 from dynamo_run.ps import live_instances
 
 LONG_PROMPT = " ".join(f"word{i}" for i in range(120))
@@ -278,6 +280,53 @@ def test_ps_and_frontends_judge_liveness_alike(nats):
     in_ps, at_start, later = asyncio.run(main())
     assert in_ps == at_start == {"fresh", "recent"}
     assert later == {"fresh", "recent", "skewed"}
+
+
+def test_a_worker_warns_and_counts_when_nats_goes_away(procs):
+    """A worker whose NATS server dies cannot renew its lease: it says so on stderr at once
+    (not only at debug), counts the failures on its /metrics, and says when it works again."""
+    server = NatsServer()
+    try:
+        port = free_port()
+        worker = Worker(server.url, endpoint="dyn://away.backend.generate",
+                        env={"DYN_SYSTEM_PORT": str(port), "DYN_SYSTEM_HOST": "127.0.0.1"})  # fmt: skip
+        procs.append(worker)
+        worker.wait_ready()
+        url = f"http://127.0.0.1:{port}/metrics"
+
+        def failures() -> float:
+            return metric(parse_metrics(httpx.get(url, timeout=5).text),
+                          "dynamo_component_lease_renew_failures_total")  # fmt: skip
+
+        assert failures() == 0
+        server.stop()
+        worker.wait_for(r"WARNING .*discovery lease renewal of instance \w+ failed: ", 20)
+        assert failures() >= 1
+        server.start()
+        worker.wait_for(r"discovery lease renewal of instance \w+ works again after", 20)
+        assert worker.stop() == 0
+    finally:
+        server.cleanup()
+
+
+def test_kv_events_that_cannot_be_published_are_warned_about_and_counted(nats, caplog):
+    """On a connection that is gone, each event fails: the first is a warning, all count."""
+
+    async def main() -> int:
+        nc = await nats_py.connect(nats.url)
+        await nc.close()
+        publisher = KvEventPublisher(nc, "dyn.kv.gone.c.e.abc")
+        for n in range(3):
+            publisher(KvCacheEvent("stored", [n]))
+        await publisher.close()
+        return publisher.failures.total
+
+    caplog.set_level(logging.WARNING, logger="dynamo_run.kv_events")
+    assert asyncio.run(main()) == 3
+    warned = [r.getMessage() for r in caplog.records if r.name == "dynamo_run.kv_events"]
+    assert warned == [
+        "KV event publishing on dyn.kv.gone.c.e.abc failed: ConnectionClosedError: nats: connection closed"
+    ]
 
 
 def test_nats_restart_under_way(procs):

@@ -4,6 +4,7 @@ and the request plane client's stream against a fake NATS connection."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ import msgspec
 import pytest
 
 from dynamo_run.distributed.discovery import CLOCK_SKEW_S, is_live, wall_clock_age
+from dynamo_run.distributed.failure_log import FailureLog
 from dynamo_run.distributed.remote_engine import _continuation
 from dynamo_run.distributed.request_plane import RequestPlaneClient, WorkerFailed, WorkerLost
 from dynamo_run.distributed.router import Router
@@ -235,3 +237,26 @@ def test_one_liveness_rule_timed_on_one_clock_or_across_two():
     assert is_live(rec, 3.0 + CLOCK_SKEW_S, own_clock=False)
     assert not is_live(rec, 3.01 + CLOCK_SKEW_S, own_clock=False)
     assert wall_clock_age(rec, now=rec.updated_at + 2.5) == 2.5
+
+
+def test_failure_log_warns_first_then_once_per_interval_with_a_count(caplog):
+    now = [100.0]
+    failures = FailureLog(logging.getLogger("test.failures"), "lease renewal", 30.0, lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="test.failures")
+    assert failures.failed(TimeoutError()) is True  # the first: at once
+    for _ in range(5):
+        now[0] += 5
+        assert failures.failed(OSError("refused")) is False  # within 30 s: counted only
+    now[0] += 6  # 31 s after the first warning
+    assert failures.failed(OSError("refused")) is True
+    failures.succeeded()
+    failures.succeeded()  # nothing to say twice
+    assert failures.failed(OSError("again")) is True  # a new streak warns at once
+    assert failures.total == 8
+    assert [r.getMessage() for r in caplog.records] == [
+        "lease renewal failed: TimeoutError",
+        "lease renewal failed 6 more times (7 in a row): OSError: refused",
+        "lease renewal works again after 7 failures",
+        "lease renewal failed: OSError: again",
+    ]
+    assert all(r.levelno == logging.WARNING for r in caplog.records)

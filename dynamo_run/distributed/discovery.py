@@ -23,6 +23,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
 
+from dynamo_run.distributed.failure_log import FailureLog
 from dynamo_run.distributed.wire import (
     CARD_BUCKET,
     DISCOVERY_BUCKET,
@@ -116,6 +117,10 @@ class Registration:
         self.refresh = refresh  # updates record.load before each put
         self._task: asyncio.Task[None] | None = None
         self._withdrawn = False
+        # Missed renewals drop the instance from discovery: they must be seen.
+        self.renew_failures = FailureLog(
+            log, f"discovery lease renewal of instance {record.instance_id}"
+        )
 
     async def publish(self) -> None:
         """Put the card and the record; also used after a reconnect to a restarted server."""
@@ -148,11 +153,12 @@ class Registration:
                     await put_card(self.js, self.record.card_digest, self.card_bytes)
                     card_missing = False
                 await self._put()
+                self.renew_failures.succeeded()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # NATS away or restarted: retry next period
                 card_missing = True
-                log.debug("lease refresh failed: %s", exc)
+                self.renew_failures.failed(exc)
 
     async def set_draining(self) -> None:
         self.record.draining = True
