@@ -51,8 +51,8 @@ def start_workers(procs, nats_url: str, count: int, **kwargs) -> list[Worker]:
     return [w.wait_ready() for w in workers]
 
 
-def start_frontend(procs, nats_url: str, endpoint: str, args: list[str] | None = None):
-    server = frontend(nats_url, out=endpoint, args=args)
+def start_frontend(procs, nats_url: str, endpoint: str, args: list[str] | None = None, env=None):
+    server = frontend(nats_url, out=endpoint, args=args, env=env)
     procs.append(server)
     server.wait_ready()
     return server
@@ -462,6 +462,21 @@ def test_heartbeats_keep_a_long_prefill_alive(nats, procs):
     assert time.monotonic() - started > 5.5  # longer than the silence timeout
     assert reply.choices[0].finish_reason == "length"
     assert metric(fe.metrics(), "dynamo_frontend_worker_errors_total") == 0
+
+
+def test_sse_keepalives_while_a_remote_first_token_is_slow(nats, procs):
+    """Over the hop the stream waits for its first token to name the worker; one slower than
+    the keep-alive interval starts at once with `: ping` comments instead."""
+    endpoint = "dyn://ping.backend.generate"
+    start_workers(procs, nats.url, 1, endpoint=endpoint, engine_args={"delay_ms": 900})
+    fe = start_frontend(procs, nats.url, endpoint, env={"DYN_HTTP_SSE_KEEPALIVE_S": "0.2"})
+    wait_models(fe, [MODEL_NAME])
+    body = {"model": MODEL_NAME, "prompt": "Hello there", "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", fe.url + "/completions", json=body, timeout=30) as res:
+        lines = [line for line in res.iter_lines() if line]
+    assert lines[0] == ": ping" and lines[-1] == "data: [DONE]", lines
+    texts = [json.loads(x[6:])["choices"][0]["text"] for x in lines if x.startswith("data: {")]
+    assert len(texts) == 2 and all(texts)
 
 
 def test_worker_kv_events_replay_from_the_stream(nats, procs, default_card):

@@ -7,9 +7,10 @@ before validation; the OpenAPI document still describes them (see ``_openapi``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -52,6 +53,25 @@ M = TypeVar("M", bound=BaseModel)
 WORKER_HEADER = "x-dynamo-worker"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 MAX_BODY_BYTES = 32 << 20  # larger bodies get a 413
+# A stream silent this long (a long prefill) gets a comment line, so that proxies and clients
+# with idle timeouts keep it; SSE clients ignore comments.
+DEFAULT_SSE_KEEPALIVE_S = 15.0
+KEEPALIVE_ENV = "DYN_HTTP_SSE_KEEPALIVE_S"
+PING = b": ping\n\n"
+
+
+def sse_keepalive_s(environ: Mapping[str, str]) -> float:
+    """The keep-alive interval from the environment; ValueError names a bad value."""
+    text = environ.get(KEEPALIVE_ENV, "").strip()
+    if not text:
+        return DEFAULT_SSE_KEEPALIVE_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{KEEPALIVE_ENV} must be seconds >= 0 (0: no keep-alives), not {text!r}")
+    return value
 
 
 class ServerState:
@@ -69,6 +89,7 @@ class ServerState:
         self.metrics = metrics or FrontendMetrics()
         self.created = int(time.time())
         self.directory: ModelDirectory | None = None
+        self.sse_keepalive_s = DEFAULT_SSE_KEEPALIVE_S  # 0: no keep-alive comments
         loading.add_done_callback(self._loaded)
 
     def _loaded(self, task: asyncio.Task[ModelClient | ModelDirectory]) -> None:
@@ -147,14 +168,22 @@ class ServerState:
 
 class SSEResponse(StreamingResponse):
     """A streamed response whose generator is always closed when the response ends, so a
-    client that hangs up releases the engine at once rather than at garbage collection."""
+    client that hangs up releases the engine at once rather than at garbage collection.
+
+    While no event has been sent for ``keepalive_s`` (a long prefill), a ``: ping`` comment
+    is, as sse-starlette does; the per-event cost is one clock read."""
 
     def __init__(
-        self, content: Any, late_headers: Callable[[], dict[str, str]] | None = None
+        self,
+        content: Any,
+        late_headers: Callable[[], dict[str, str]] | None = None,
+        keepalive_s: float = DEFAULT_SSE_KEEPALIVE_S,
     ) -> None:
         super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
         self.late_headers = late_headers  # headers known once the first event is ready
+        self.keepalive_s = keepalive_s
         self._events = content
+        self._first: asyncio.Future[Any] | None = None  # the first event, while primed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -162,25 +191,75 @@ class SSEResponse(StreamingResponse):
                 await self._prime()
             await super().__call__(scope, receive, send)
         finally:
+            first = self._first
+            if first is not None and not first.done():  # hung up during a long prefill
+                first.cancel()
+                with contextlib.suppress(BaseException):
+                    await first
             await self._events.aclose()
 
     async def _prime(self) -> None:
-        """Wait for the first event, then add the headers it made known."""
+        """Wait for the first event, then add the headers it made known. A first event
+        slower than the keep-alive interval is not waited for: the stream starts (with
+        pings) without those headers rather than be dropped as idle."""
         events = self._events
-        try:
-            first = await events.__anext__()
-        except StopAsyncIteration:
-            return
-        assert self.late_headers is not None
-        for name, value in self.late_headers().items():
-            self.headers[name] = value
+        first = self._first = asyncio.ensure_future(events.__anext__())
+        if self.keepalive_s > 0:
+            await asyncio.wait({first}, timeout=self.keepalive_s)
+        else:
+            await asyncio.wait({first})
+        if first.done():
+            try:
+                first.result()
+            except StopAsyncIteration:
+                return
+            except BaseException:
+                pass  # raised again below, inside the response
+            else:
+                assert self.late_headers is not None
+                for name, value in self.late_headers().items():
+                    self.headers[name] = value
 
         async def chained() -> Any:
-            yield first
+            try:
+                yield await first
+            except StopAsyncIteration:
+                return
             async for event in events:
                 yield event
 
         self.body_iterator = chained()
+
+    async def stream_response(self, send: Send) -> None:
+        if self.keepalive_s <= 0:
+            await super().stream_response(send)
+            return
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        lock = asyncio.Lock()  # never two sends at once
+        last_sent = time.monotonic()
+
+        async def pings() -> None:
+            nonlocal last_sent
+            while True:
+                await asyncio.sleep(last_sent + self.keepalive_s - time.monotonic())
+                async with lock:
+                    if time.monotonic() - last_sent >= self.keepalive_s:
+                        last_sent = time.monotonic()
+                        await send({"type": "http.response.body", "body": PING, "more_body": True})
+
+        pinger = asyncio.create_task(pings(), name="sse-keepalive")
+        try:
+            async for chunk in self.body_iterator:
+                async with lock:
+                    last_sent = time.monotonic()
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            pinger.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pinger
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _json_body(body: dict[str, Any], status: int = 200) -> Response:
@@ -331,7 +410,8 @@ def create_app(state: ServerState, api_key: str | None = None) -> ServerMiddlewa
         head = new_request_id("chatcmpl"), int(time.time()), client.card.name
         texts = _token_texts(client, top_n)
         if req.stream:
-            return _stream(gen, ChatChunks(*head, _include_usage(req), texts, top_n or 0))
+            chunks = ChatChunks(*head, _include_usage(req), texts, top_n or 0)
+            return _stream(gen, chunks, state.sse_keepalive_s)
         return await _whole(
             request,
             gen,
@@ -359,7 +439,7 @@ def create_app(state: ServerState, api_key: str | None = None) -> ServerMiddlewa
             chunks = CompletionChunks(
                 *head, _include_usage(req), texts, top_n or 0, echo_prompts=echoed
             )
-            return _stream(gen, chunks)
+            return _stream(gen, chunks, state.sse_keepalive_s)
         return await _whole(
             request,
             gen,
@@ -420,14 +500,15 @@ def _token_texts(client: ModelClient, top_n: int | None) -> TokenTexts | None:
     return None if top_n is None else TokenTexts(client.card.tokenizer)
 
 
-def _stream(gen: Generation, chunks: ChatChunks | CompletionChunks) -> Response:
+def _stream(gen: Generation, chunks: ChatChunks | CompletionChunks, keepalive_s: float) -> Response:
     gen.info.request_type = "stream"
     if not getattr(gen.client.engine, "remote", False):
-        return SSEResponse(sse_events(gen, chunks))
+        return SSEResponse(sse_events(gen, chunks), keepalive_s=keepalive_s)
     gen.hold_opening = True
     return SSEResponse(
         sse_events(gen, chunks),
         lambda: {WORKER_HEADER: ",".join(gen.workers)} if gen.workers else {},
+        keepalive_s,
     )
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from dynamo_run.inputs.http.app import ServerState, create_app
+from dynamo_run.inputs.http.app import ServerState, create_app, sse_keepalive_s
 from dynamo_run.metrics import FrontendMetrics
 from dynamo_run.pipeline.client import ModelClient
 from dynamo_run.pipeline.directory import ModelDirectory
@@ -115,7 +115,12 @@ async def run_http(
     flags = spec.flags
     api_key = flags.api_key or os.environ.get("DYN_API_KEY") or None
     _quiet_uvicorn(flags.verbosity)
+    try:
+        keepalive_s = sse_keepalive_s(os.environ)
+    except ValueError as exc:
+        return _fail(str(exc))
     state = state or ServerState(loading, FrontendMetrics())
+    state.sse_keepalive_s = keepalive_s
     tls = flags.tls_cert_path is not None
     config = uvicorn.Config(
         create_app(state, api_key),
