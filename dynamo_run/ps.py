@@ -23,6 +23,7 @@ async def live_instances(nc, namespace: str | None = None) -> list[InstanceRecor
     """Instances whose lease is current, read once from the discovery bucket."""
     from nats.js.errors import BucketNotFoundError, NoKeysError
 
+    from dynamo_run.distributed.discovery import is_live, wall_clock_age
     from dynamo_run.distributed.wire import DISCOVERY_BUCKET, decode_record
 
     js = nc.jetstream()
@@ -41,7 +42,7 @@ async def live_instances(nc, namespace: str | None = None) -> list[InstanceRecor
             record = decode_record(entry.value)
         except Exception:
             continue  # deleted meanwhile, or not ours
-        if now - record.updated_at <= record.lease_s * 2:
+        if is_live(record, wall_clock_age(record, now), own_clock=False):
             records.append(record)
     return sorted(records, key=lambda r: (r.model, r.namespace, r.component, r.started_at))
 

@@ -235,6 +235,17 @@ class Settings:
         str | None,
         S("in=http/grpc: require this key.", Panel.HTTP, env="DYN_API_KEY", metavar="KEY"),
     ] = None
+    sse_keepalive_s: Annotated[
+        float,
+        S(
+            "in=http: seconds of silence in a stream (a long prefill) before a `: ping` "
+            "comment keeps proxies from dropping it; 0: never.",
+            Panel.HTTP,
+            env="DYN_HTTP_SSE_KEEPALIVE_S",
+            metavar="S",
+            ge=0,
+        ),
+    ] = 15.0
     # gRPC
     grpc_host: Annotated[str, S("in=grpc: address to bind.", Panel.GRPC, metavar="HOST")] = (
         "127.0.0.1"

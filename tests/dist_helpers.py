@@ -74,8 +74,13 @@ class NatsServer:
         self._tmp.cleanup()
 
 
-def frontend(nats_url: str, out: str = "dyn", args: list[str] | None = None) -> Server:
-    return Server(out=out, args=["--nats-url", nats_url, *(args or [])])
+def frontend(
+    nats_url: str,
+    out: str = "dyn",
+    args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Server:
+    return Server(out=out, args=["--nats-url", nats_url, *(args or [])], env=env)
 
 
 def wait_models(server: Server, wanted: list[str], timeout: float = 30.0) -> list[str]:

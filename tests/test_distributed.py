@@ -6,17 +6,31 @@ for a lease) never answer for it.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import signal
 import threading
 import time
 
 import httpx
+import nats as nats_py
 import openai
 import pytest
 from conftest import run_cli
 from dist_helpers import NatsServer, Worker, frontend, start_nats, start_procs, wait_models
-from http_helpers import MODEL_NAME, metric
+from http_helpers import MODEL_NAME, free_port, metric, parse_metrics
+
+from dynamo_run.distributed.discovery import (
+    CLOCK_SKEW_S,
+    InstanceWatcher,
+    instances_bucket,
+)
+from dynamo_run.distributed.kv_events import KvEventPublisher
+from dynamo_run.distributed.request_plane import RequestPlaneClient, WorkerLost
+from dynamo_run.distributed.wire import InstanceRecord, Work, encode_record, instance_subject
+from dynamo_run.protocol.internal import KvCacheEvent, PreprocessedRequest, StopConditions
+from dynamo_run.ps import live_instances
 
 LONG_PROMPT = " ".join(f"word{i}" for i in range(120))
 
@@ -37,8 +51,8 @@ def start_workers(procs, nats_url: str, count: int, **kwargs) -> list[Worker]:
     return [w.wait_ready() for w in workers]
 
 
-def start_frontend(procs, nats_url: str, endpoint: str, args: list[str] | None = None):
-    server = frontend(nats_url, out=endpoint, args=args)
+def start_frontend(procs, nats_url: str, endpoint: str, args: list[str] | None = None, env=None):
+    server = frontend(nats_url, out=endpoint, args=args, env=env)
     procs.append(server)
     server.wait_ready()
     return server
@@ -212,6 +226,141 @@ def test_sigterm_deregisters_first_and_finishes_in_flight(nats, procs):
     assert worker.stop() == 0
 
 
+def test_a_draining_worker_refuses_new_work_as_retryable_at_once(nats, procs):
+    """A request that reaches a worker after it left discovery (a frontend's view lags) is
+    refused with a retryable Fail at once, which the request plane turns into WorkerLost
+    (the frontend's cue to try or migrate elsewhere), not left to the ack timeout."""
+    endpoint = "dyn://refuse.backend.generate"
+    (worker,) = start_workers(procs, nats.url, 1, endpoint=endpoint, engine_args={"delay_ms": 20})
+    fe = start_frontend(procs, nats.url, endpoint)
+    wait_models(fe, [MODEL_NAME])
+    client = openai_client(fe)
+    result: dict = {}
+
+    def long_request() -> None:
+        result["reply"] = client.completions.create(
+            model=MODEL_NAME, prompt=LONG_PROMPT, max_tokens=100
+        )
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(0.6)  # the request is being served
+    worker.proc.send_signal(signal.SIGTERM)
+    wait_models(fe, [], timeout=1.5)  # left discovery; still draining the long request
+
+    async def late_request() -> tuple[str, float]:
+        nc = await nats_py.connect(nats.url)
+        try:
+            plane = RequestPlaneClient(nc, ack_timeout=5.0, silence_timeout=5.0)
+            await plane.start()
+            request = PreprocessedRequest("late-1", [1, 2, 3], stop=StopConditions(max_tokens=4))
+            work = Work(request)
+            subject = instance_subject("refuse", "backend", "generate", worker.instance_id)
+            started = time.monotonic()
+            try:
+                async for _ in plane.stream(subject, worker.instance_id, work):
+                    pass
+            except WorkerLost as exc:
+                return str(exc), time.monotonic() - started
+            return "answered", time.monotonic() - started
+        finally:
+            await nc.close()
+
+    message, took = asyncio.run(late_request())
+    assert "shutting down" in message and took < 1.0, (message, took)
+    thread.join(30)
+    assert result["reply"].usage.completion_tokens == 100  # the in-flight one still finished
+    assert worker.stop() == 0
+
+
+def test_ps_and_frontends_judge_liveness_alike(nats):
+    """Records already in the bucket: `dynamo-run ps` and a frontend that starts watching
+    count the same ones live (one rule); a put seen live counts however skewed the worker's
+    clock, since the frontend times it on its own."""
+
+    def rec(instance_id: str, age_s: float) -> InstanceRecord:
+        now = time.time()
+        return InstanceRecord(
+            instance_id=instance_id, namespace="alike", component="c", endpoint="e",
+            subject=f"dyn.alike.c.e.{instance_id}", model="m", engine="echo", host="h",
+            pid=1, card_digest="d", started_at=now - 60, updated_at=now - age_s, lease_s=3.0,
+        )  # fmt: skip
+
+    async def main() -> tuple[set[str], set[str], set[str]]:
+        nc = await nats_py.connect(nats.url)
+        try:
+            bucket = await instances_bucket(nc.jetstream())
+            for record in (rec("fresh", 0.5), rec("recent", 2 + CLOCK_SKEW_S), rec("old", 20)):
+                await bucket.put(record.key, encode_record(record))
+            in_ps = {r.instance_id for r in await live_instances(nc, "alike")}
+            watcher = InstanceWatcher(nc, prefix="alike.c.e")
+            await watcher.start()
+            assert await watcher.wait_synced()
+            at_start = {r.instance_id for r in watcher.instances.values()}
+            skewed = rec("skewed", 60)  # its host's clock is a minute behind
+            await bucket.put(skewed.key, encode_record(skewed))
+            await asyncio.sleep(0.5)
+            later = {r.instance_id for r in watcher.instances.values()}
+            await watcher.stop()
+            for key in await bucket.keys():
+                if key.startswith("alike."):
+                    await bucket.delete(key)
+            return in_ps, at_start, later
+        finally:
+            await nc.close()
+
+    in_ps, at_start, later = asyncio.run(main())
+    assert in_ps == at_start == {"fresh", "recent"}
+    assert later == {"fresh", "recent", "skewed"}
+
+
+def test_a_worker_warns_and_counts_when_nats_goes_away(procs):
+    """A worker whose NATS server dies cannot renew its lease: it says so on stderr at once
+    (not only at debug), counts the failures on its /metrics, and says when it works again."""
+    server = NatsServer()
+    try:
+        port = free_port()
+        worker = Worker(server.url, endpoint="dyn://away.backend.generate",
+                        env={"DYN_SYSTEM_PORT": str(port), "DYN_SYSTEM_HOST": "127.0.0.1"})  # fmt: skip
+        procs.append(worker)
+        worker.wait_ready()
+        url = f"http://127.0.0.1:{port}/metrics"
+
+        def failures() -> float:
+            return metric(parse_metrics(httpx.get(url, timeout=5).text),
+                          "dynamo_component_lease_renew_failures_total")  # fmt: skip
+
+        assert failures() == 0
+        server.stop()
+        worker.wait_for(r"WARNING .*discovery lease renewal of instance \w+ failed: ", 20)
+        assert failures() >= 1
+        server.start()
+        worker.wait_for(r"discovery lease renewal of instance \w+ works again after", 20)
+        assert worker.stop() == 0
+    finally:
+        server.cleanup()
+
+
+def test_kv_events_that_cannot_be_published_are_warned_about_and_counted(nats, caplog):
+    """On a connection that is gone, each event fails: the first is a warning, all count."""
+
+    async def main() -> int:
+        nc = await nats_py.connect(nats.url)
+        await nc.close()
+        publisher = KvEventPublisher(nc, "dyn.kv.gone.c.e.abc")
+        for n in range(3):
+            publisher(KvCacheEvent("stored", [n]))
+        await publisher.close()
+        return publisher.failures.total
+
+    caplog.set_level(logging.WARNING, logger="dynamo_run.kv_events")
+    assert asyncio.run(main()) == 3
+    warned = [r.getMessage() for r in caplog.records if r.name == "dynamo_run.kv_events"]
+    assert warned == [
+        "KV event publishing on dyn.kv.gone.c.e.abc failed: ConnectionClosedError: nats: connection closed"
+    ]
+
+
 def test_nats_restart_under_way(procs):
     server = NatsServer()
     try:
@@ -345,6 +494,21 @@ def test_heartbeats_keep_a_long_prefill_alive(nats, procs):
     assert time.monotonic() - started > 5.5  # longer than the silence timeout
     assert reply.choices[0].finish_reason == "length"
     assert metric(fe.metrics(), "dynamo_frontend_worker_errors_total") == 0
+
+
+def test_sse_keepalives_while_a_remote_first_token_is_slow(nats, procs):
+    """Over the hop the stream waits for its first token to name the worker; one slower than
+    the keep-alive interval starts at once with `: ping` comments instead."""
+    endpoint = "dyn://ping.backend.generate"
+    start_workers(procs, nats.url, 1, endpoint=endpoint, engine_args={"delay_ms": 900})
+    fe = start_frontend(procs, nats.url, endpoint, env={"DYN_HTTP_SSE_KEEPALIVE_S": "0.2"})
+    wait_models(fe, [MODEL_NAME])
+    body = {"model": MODEL_NAME, "prompt": "Hello there", "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", fe.url + "/completions", json=body, timeout=30) as res:
+        lines = [line for line in res.iter_lines() if line]
+    assert lines[0] == ": ping" and lines[-1] == "data: [DONE]", lines
+    texts = [json.loads(x[6:])["choices"][0]["text"] for x in lines if x.startswith("data: {")]
+    assert len(texts) == 2 and all(texts)
 
 
 def test_worker_kv_events_replay_from_the_stream(nats, procs, default_card):

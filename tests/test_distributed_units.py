@@ -4,13 +4,17 @@ and the request plane client's stream against a fake NATS connection."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from types import SimpleNamespace
 
+import msgspec
 import pytest
 
+from dynamo_run.distributed.discovery import CLOCK_SKEW_S, is_live, wall_clock_age
+from dynamo_run.distributed.failure_log import FailureLog
 from dynamo_run.distributed.remote_engine import _continuation
-from dynamo_run.distributed.request_plane import RequestPlaneClient, WorkerLost
+from dynamo_run.distributed.request_plane import RequestPlaneClient, WorkerFailed, WorkerLost
 from dynamo_run.distributed.router import Router
 from dynamo_run.distributed.wire import (
     Ack,
@@ -66,6 +70,17 @@ def test_messages_round_trip():
     rec = record("abc")
     rec.load = EngineLoad(in_flight=2, slots_total=4, slots_busy=2)
     assert decode_record(encode_record(rec)) == rec
+
+
+def test_fail_says_whether_another_instance_may_retry():
+    refusal = Fail("instance a is shutting down", retryable=True)
+    assert decode_to_frontend(encode(refusal)) == refusal
+
+    # A Fail sent without the field (an engine error) is not retryable.
+    class BareFail(msgspec.Struct, tag="fail", array_like=True):
+        message: str
+
+    assert decode_to_frontend(encode(BareFail("boom"))) == Fail("boom", retryable=False)
 
 
 def test_model_card_travels_whole(default_card):
@@ -188,3 +203,60 @@ def test_request_plane_stream_takes_queued_bursts_in_order_and_times_out_when_si
         assert not plane._streams
 
     asyncio.run(main())
+
+
+def test_request_plane_migrates_on_a_retryable_fail_only():
+    """The flag decides, not the message text: a retryable refusal is WorkerLost (the
+    frontend tries or migrates elsewhere), an engine error that merely mentions shutting
+    down is WorkerFailed."""
+
+    async def main() -> None:
+        nc = FakeNats()
+        plane = RequestPlaneClient(nc, ack_timeout=1.0, silence_timeout=1.0)
+        await plane.start()
+        cases = (
+            (Fail("instance a is shutting down", retryable=True), WorkerLost),
+            (Fail("RuntimeError: scheduler is shutting down"), WorkerFailed),
+        )
+        for fail, raised in cases:
+            nc.published.clear()
+            stream = plane.stream("dyn.ns.c.e.a", "a", Work(request()))
+            pending = asyncio.ensure_future(stream.__anext__())
+            await asyncio.sleep(0.01)
+            await nc.reply(fail)
+            with pytest.raises(raised, match="shutting down"):
+                await pending
+
+    asyncio.run(main())
+
+
+def test_one_liveness_rule_timed_on_one_clock_or_across_two():
+    rec = record("a")  # lease 3 s
+    assert is_live(rec, 3.0, own_clock=True) and not is_live(rec, 3.01, own_clock=True)
+    # An age read from updated_at (the worker's clock) allows for the hosts' clock skew.
+    assert is_live(rec, 3.0 + CLOCK_SKEW_S, own_clock=False)
+    assert not is_live(rec, 3.01 + CLOCK_SKEW_S, own_clock=False)
+    assert wall_clock_age(rec, now=rec.updated_at + 2.5) == 2.5
+
+
+def test_failure_log_warns_first_then_once_per_interval_with_a_count(caplog):
+    now = [100.0]
+    failures = FailureLog(logging.getLogger("test.failures"), "lease renewal", 30.0, lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="test.failures")
+    assert failures.failed(TimeoutError()) is True  # the first: at once
+    for _ in range(5):
+        now[0] += 5
+        assert failures.failed(OSError("refused")) is False  # within 30 s: counted only
+    now[0] += 6  # 31 s after the first warning
+    assert failures.failed(OSError("refused")) is True
+    failures.succeeded()
+    failures.succeeded()  # nothing to say twice
+    assert failures.failed(OSError("again")) is True  # a new streak warns at once
+    assert failures.total == 8
+    assert [r.getMessage() for r in caplog.records] == [
+        "lease renewal failed: TimeoutError",
+        "lease renewal failed 6 more times (7 in a row): OSError: refused",
+        "lease renewal works again after 7 failures",
+        "lease renewal failed: OSError: again",
+    ]
+    assert all(r.levelno == logging.WARNING for r in caplog.records)

@@ -11,9 +11,15 @@ import httpx
 import openai
 import pytest
 from http_helpers import MODEL_NAME, Server, echo_server_fixture, metric  # noqa: F401
+from strict_models import validate_json
 
 from dynamo_run.model.generation_defaults import DEFAULT_MODEL_SOURCE
-from dynamo_run.protocol.openai import ChatCompletionChunk, CompletionResponse
+from dynamo_run.protocol.openai import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionResponse,
+    ErrorResponse,
+)
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
 
@@ -142,15 +148,40 @@ def test_stream_wire_format(echo_server: Server) -> None:
         assert res.headers["content-type"].startswith("text/event-stream")
         events = [line for line in res.iter_lines() if line]
     assert events[-1] == "data: [DONE]"
-    chunks = [
-        ChatCompletionChunk.model_validate_json(e.removeprefix("data: ")) for e in events[:-1]
-    ]
+    chunks = [validate_json(ChatCompletionChunk, e.removeprefix("data: ")) for e in events[:-1]]
     assert [c.choices[0].finish_reason for c in chunks] == [None, None, None, "length"]
     body = {"prompt": PROMPT, "stream": True, "max_tokens": 2}
     with httpx.stream("POST", echo_server.url + "/completions", json=body) as res:
         events = [line for line in res.iter_lines() if line]
     for event in events[:-1]:
-        CompletionResponse.model_validate_json(event.removeprefix("data: "))
+        validate_json(CompletionResponse, event.removeprefix("data: "))
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "model", "whole"),
+    [
+        ("/chat/completions", {"messages": MESSAGES}, ChatCompletionChunk, ChatCompletionResponse),
+        ("/completions", {"prompt": [PROMPT, "two"], "echo": True}, CompletionResponse, CompletionResponse),
+    ],
+)  # fmt: skip
+def test_every_event_and_body_has_only_known_keys(echo_server: Server, path, body, model, whole):
+    """Raw JSON, streamed (n, usage, logprobs asked for) and whole, against strict models:
+    a misspelt key fails here rather than pass as an unknown one."""
+    extra = {"n": 2, "max_tokens": 3, "logprobs": 2 if path == "/completions" else True}
+    if path == "/chat/completions":
+        extra["top_logprobs"] = 2
+    stream = {"stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", echo_server.url + path, json={**body, **extra, **stream}) as res:
+        events = [line for line in res.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    chunks = [validate_json(model, e.removeprefix("data: ")) for e in events[:-1]]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    res = httpx.post(echo_server.url + path, json={**body, **extra})
+    assert res.status_code == 200
+    validate_json(whole, res.content)
+    error = httpx.post(echo_server.url + path, json={**body, "max_tokens": -1})
+    assert error.status_code == 400
+    validate_json(ErrorResponse, error.content)
 
 
 def test_chat_n_choices(client: openai.OpenAI) -> None:

@@ -236,3 +236,49 @@ def test_port_in_use_exits_nonzero(slow_echo_server: Server) -> None:
     assert proc.returncode == 1
     assert f"cannot listen on 127.0.0.1:{slow_echo_server.port}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _lines_until_content(res: httpx.Response) -> list[str]:
+    """The stream's lines up to and including its first event with generated text."""
+    seen = []
+    for line in res.iter_lines():
+        seen.append(line)
+        if line.startswith("data: {"):
+            choice = json.loads(line[6:])["choices"][0]
+            if choice.get("text") or choice.get("delta", {}).get("content"):
+                return seen
+    raise AssertionError(f"no content in {seen}")
+
+
+def test_sse_keepalive_comments_while_the_first_token_is_slow() -> None:
+    """A first token slower than the keep-alive interval (a long prefill): `: ping` comments
+    come meanwhile on every streamed route, and the openai client still parses the stream."""
+    env = {"DYN_HTTP_SSE_KEEPALIVE_S": "0.2"}
+    for server in start_server(engine_args={"delay_ms": 900}, env=env):
+        for path, body in (
+            ("/completions", {"prompt": "Hello there", "max_tokens": 2}),
+            ("/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+        ):  # fmt: skip
+            body = {"model": MODEL_NAME, "stream": True, **body}
+            with httpx.stream("POST", server.url + path, json=body, timeout=30) as res:
+                lines = _lines_until_content(res)
+            assert lines.count(": ping") >= 2, (path, lines)
+            assert all(line.startswith(("data: ", ": ping")) or not line for line in lines)
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+        stream = client.chat.completions.create(
+            model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+            stream=True,
+        )  # fmt: skip
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_sse_keepalive_setting_is_checked() -> None:
+    server = Server(env={"DYN_HTTP_SSE_KEEPALIVE_S": "soon"})
+    try:
+        assert server.proc.wait(60) == 2  # a setting's bad value: a usage error
+        assert "DYN_HTTP_SSE_KEEPALIVE_S" in server.log() and "soon" in server.log()
+        assert "Traceback" not in server.log()
+    finally:
+        server.cleanup()

@@ -11,6 +11,7 @@ import struct
 
 import pytest
 from pydantic import BaseModel
+from strict_models import strict
 
 from dynamo_run.echo import EchoEngine
 from dynamo_run.errors import RequestError
@@ -36,8 +37,11 @@ from dynamo_run.protocol.openai import (
 
 
 def assert_is_model_dump(model: type[BaseModel], body: dict) -> None:
-    """``body`` is what ``model`` dumps, keys in the same order (compared as JSON text)."""
-    assert json.dumps(model.model_validate(body).model_dump(mode="json")) == json.dumps(body)
+    """``body`` is what ``model`` dumps, keys in the same order (compared as JSON text), and
+    has no key the model does not define."""
+    assert json.dumps(strict(model).model_validate(body).model_dump(mode="json")) == json.dumps(
+        body
+    )
 
 
 @pytest.fixture()
@@ -161,3 +165,19 @@ def test_embedding_body_and_input_checks(client, default_card):
         with pytest.raises(RequestError, match=message) as err:
             embedding_token_ids(client, EmbeddingRequest(input=bad))
         assert err.value.param == "input"
+
+
+def test_strict_models_reject_a_misspelt_key_the_protocol_models_ignore():
+    from pydantic import ValidationError
+
+    from dynamo_run.protocol.openai import ChatCompletionChunk
+
+    chunk = {
+        "id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+        "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}],
+    }  # fmt: skip
+    strict(ChatCompletionChunk).model_validate(chunk)
+    chunk["choices"][0]["delta"] = {"contnet": "x"}  # misspelt, nested two levels down
+    ChatCompletionChunk.model_validate(chunk)  # the protocol model lets it pass
+    with pytest.raises(ValidationError, match="contnet"):
+        strict(ChatCompletionChunk).model_validate(chunk)

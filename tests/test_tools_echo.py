@@ -148,9 +148,10 @@ def test_bad_tool_requests(client: openai.OpenAI) -> None:
 
 
 def test_streamed_chunks_match_the_chunk_model(client: openai.OpenAI) -> None:
-    """Raw SSE events of a parsed answer validate against ChatCompletionChunk; the call's
+    """Raw SSE events of a parsed answer validate against a strict ChatCompletionChunk; the call's
     head (id, type, name, empty arguments) comes before its arguments."""
     import httpx
+    from strict_models import validate_json
 
     from dynamo_run.protocol.openai import ChatCompletionChunk
 
@@ -158,7 +159,7 @@ def test_streamed_chunks_match_the_chunk_model(client: openai.OpenAI) -> None:
     res = httpx.post(str(client.base_url) + "chat/completions", json=body, timeout=30)
     events = [e.removeprefix("data: ") for e in res.text.split("\n\n") if e]
     assert events[-1] == "[DONE]"
-    chunks = [ChatCompletionChunk.model_validate_json(e) for e in events[:-1]]
+    chunks = [validate_json(ChatCompletionChunk, e) for e in events[:-1]]
     for index in (0, 1):
         pieces = [
             call

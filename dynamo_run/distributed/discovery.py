@@ -17,11 +17,13 @@ import logging
 import time
 from collections.abc import Callable
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
 
+from dynamo_run.distributed.failure_log import FailureLog
 from dynamo_run.distributed.wire import (
     CARD_BUCKET,
     DISCOVERY_BUCKET,
@@ -35,6 +37,24 @@ log = logging.getLogger("dynamo_run.discovery")
 DEFAULT_LEASE_S = 3.0
 # Records older than this are removed by the server even if no frontend ever saw them go.
 BUCKET_TTL_S = 30.0
+# How far two hosts' wall clocks may disagree: the allowance when a record's age can only be
+# read from its ``updated_at`` (the worker's clock) rather than timed on the observer's own.
+CLOCK_SKEW_S = 5.0
+
+
+def is_live(record: InstanceRecord, age_s: float, *, own_clock: bool) -> bool:
+    """The one liveness rule, for frontends and ``dynamo-run ps``: an instance is live while
+    its last lease put is at most one lease old. ``own_clock``: ``age_s`` was timed on the
+    observer's clock since it saw the put (a frontend watching); otherwise it is the time
+    since ``record.updated_at`` (see :func:`wall_clock_age`) and may be off by the skew
+    between the two hosts' clocks, so it gets CLOCK_SKEW_S of allowance."""
+    allowance = 0.0 if own_clock else CLOCK_SKEW_S
+    return age_s <= record.lease_s + allowance
+
+
+def wall_clock_age(record: InstanceRecord, now: float | None = None) -> float:
+    """Seconds since the record was put, by this host's wall clock against the worker's."""
+    return (time.time() if now is None else now) - record.updated_at
 
 
 async def instances_bucket(js: JetStreamContext):
@@ -97,6 +117,10 @@ class Registration:
         self.refresh = refresh  # updates record.load before each put
         self._task: asyncio.Task[None] | None = None
         self._withdrawn = False
+        # Missed renewals drop the instance from discovery: they must be seen.
+        self.renew_failures = FailureLog(
+            log, f"discovery lease renewal of instance {record.instance_id}"
+        )
 
     async def publish(self) -> None:
         """Put the card and the record; also used after a reconnect to a restarted server."""
@@ -129,11 +153,12 @@ class Registration:
                     await put_card(self.js, self.record.card_digest, self.card_bytes)
                     card_missing = False
                 await self._put()
+                self.renew_failures.succeeded()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # NATS away or restarted: retry next period
                 card_missing = True
-                log.debug("lease refresh failed: %s", exc)
+                self.renew_failures.failed(exc)
 
     async def set_draining(self) -> None:
         self.record.draining = True
@@ -210,17 +235,17 @@ class InstanceWatcher:
             try:
                 bucket = await instances_bucket(self.js)
                 watcher = await bucket.watch(pattern)
+                replaying = True  # records put before the watch began, until None
                 while not self._restart.is_set():
                     try:
                         entry = await watcher.updates(timeout=1.0)
-                    except Exception as exc:  # nats TimeoutError: nothing new
-                        if type(exc).__name__ == "TimeoutError":
-                            continue
-                        raise
+                    except nats.errors.TimeoutError:  # nothing new
+                        continue
                     if entry is None:
+                        replaying = False
                         self._synced.set()
                         continue
-                    self._apply(entry.key, entry.value, entry.operation)
+                    self._apply(entry.key, entry.value, entry.operation, replayed=replaying)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -231,7 +256,11 @@ class InstanceWatcher:
                     with contextlib.suppress(Exception):
                         await watcher.stop()
 
-    def _apply(self, key: str, value: bytes | None, operation: str | None) -> None:
+    def _apply(
+        self, key: str, value: bytes | None, operation: str | None, replayed: bool = False
+    ) -> None:
+        """A put or delete from the watch. A put seen live was just made; a ``replayed`` one
+        (made before the watch began) may be a dead worker's last, judged by its age."""
         if operation in ("DEL", "PURGE") or not value:
             if self.instances.pop(key, None) is not None:
                 self._seen.pop(key, None)
@@ -242,8 +271,8 @@ class InstanceWatcher:
         except Exception as exc:
             log.warning("discovery: ignoring a malformed record %s: %s", key, exc)
             return
-        if time.time() - record.updated_at > record.lease_s * 4:
-            return  # an old record replayed at start: its worker is gone (clock skew bound)
+        if replayed and not is_live(record, wall_clock_age(record), own_clock=False):
+            return  # an old record replayed at start: its worker is gone
         known = key in self.instances
         old = self.instances.get(key)
         self.instances[key] = record
@@ -262,7 +291,7 @@ class InstanceWatcher:
             expired = [
                 key
                 for key, record in self.instances.items()
-                if now - self._seen.get(key, now) > record.lease_s
+                if not is_live(record, now - self._seen.get(key, now), own_clock=True)
             ]
             for key in expired:
                 log.info("discovery: instance %s missed its lease; dropped", key)

@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
+from dynamo_run.distributed.failure_log import FailureLog
 from dynamo_run.protocol.internal import KvCacheEvent
 
 log = logging.getLogger("dynamo_run.kv_events")
@@ -60,6 +61,8 @@ class KvEventPublisher:
         self.nc = nc
         self.subject = subject
         self.published = 0
+        # A lost event leaves routers with a wrong picture of this cache: show it.
+        self.failures = FailureLog(log, f"KV event publishing on {subject}")
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[KvCacheEvent | None] = asyncio.Queue()
         self._task = asyncio.create_task(self._publish_forever(), name="kv-events")
@@ -76,11 +79,13 @@ class KvEventPublisher:
             try:
                 await self.nc.publish(self.subject, _encode(event))
                 self.published += 1
+                self.failures.succeeded()
             except Exception as exc:  # NATS away: the router falls back on load
-                log.debug("KV event not published: %s", exc)
+                self.failures.failed(exc)
 
     async def close(self) -> None:
-        self._queue.put_nowait(None)
+        # Through the loop like the events, so that those already handed over go first.
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._task, 5)
 

@@ -89,7 +89,8 @@ class EndpointServer:
             return
         request_id = message.request.request_id
         if not self._accepting:
-            await self._send(msg.reply, Fail(f"instance {self.instance_id} is shutting down"))
+            refusal = Fail(f"instance {self.instance_id} is shutting down", retryable=True)
+            await self._send(msg.reply, refusal)
             return
         task = asyncio.create_task(self._serve(message, msg.reply), name=f"serve-{request_id}")
         active = self.active[request_id] = _Active(task, msg.reply)
@@ -138,12 +139,12 @@ class EndpointServer:
 
     async def drain(self, timeout: float) -> int:
         """Stop taking requests, let in-flight ones finish for up to ``timeout`` seconds,
-        cancel the rest. Returns how many were cancelled."""
+        cancel the rest. Returns how many were cancelled.
+
+        The subscription stays until the end: a request routed here by a frontend whose view
+        still lists this instance gets a retryable refusal at once (not an ack timeout), and
+        a Cancel for an in-flight request still arrives."""
         self._accepting = False
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
         deadline = time.monotonic() + timeout
         while self.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -153,6 +154,10 @@ class EndpointServer:
         for active in left:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await active.task
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         with contextlib.suppress(Exception):
@@ -253,7 +258,7 @@ class RequestPlaneClient:
                     return
                 elif isinstance(message, Fail):
                     finished = True
-                    if "shutting down" in message.message:
+                    if message.retryable:
                         raise WorkerLost(message.message)
                     raise WorkerFailed(message.message)
                 # Ack and Heartbeat only prove the instance is alive.

@@ -3,7 +3,7 @@
 Request plane, per request: the frontend publishes ``Work`` to the instance's subject with
 its reply inbox; the worker answers on that inbox with ``Ack`` at once, ``Out`` per engine
 step, ``Heartbeat`` while nothing else is sent (a long prefill), and ``End`` or ``Fail``
-last. ``Cancel`` on the same instance subject stops a request whose client went away.
+last (``Fail.retryable`` says whether another instance may take the request over). ``Cancel`` on the same instance subject stops a request whose client went away.
 """
 
 from __future__ import annotations
@@ -57,7 +57,12 @@ class End(msgspec.Struct, tag="end", array_like=True):
 
 
 class Fail(msgspec.Struct, tag="fail", array_like=True):
+    """The request failed on this instance. ``retryable``: nothing went wrong with the
+    request itself (the instance is draining or shutting down), so the frontend may send it,
+    or migrate what is left of it, to another instance."""
+
     message: str
+    retryable: bool = False
 
 
 ToFrontend = Ack | Out | Heartbeat | End | Fail

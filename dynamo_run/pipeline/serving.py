@@ -61,7 +61,8 @@ class ModelNotFound(ServingError):
 
     def __init__(self, name: str, names: list[str]) -> None:
         served = ", ".join(f"`{n}`" for n in names)
-        super().__init__(f"The model `{name}` does not exist; this server serves {served}.")
+        what = f"this server serves {served}" if names else "no model is served here now"
+        super().__init__(f"The model `{name}` does not exist; {what}.")
         self.name = name
         self.names = names
 

@@ -22,6 +22,7 @@ from dynamo_run.distributed.discovery import DEFAULT_LEASE_S, Registration
 from dynamo_run.distributed.kv_events import KvEventPublisher, ensure_kv_stream, kv_subject
 from dynamo_run.distributed.request_plane import EndpointServer
 from dynamo_run.distributed.wire import InstanceRecord, instance_subject
+from dynamo_run.distributed.worker_metrics import WorkerCounters, serve_metrics
 from dynamo_run.errors import RunError
 from dynamo_run.model.card_wire import card_digest, card_to_bytes
 from dynamo_run.pipeline.client import ModelClient
@@ -32,6 +33,17 @@ log = logging.getLogger("dynamo_run.worker")
 
 DRAIN_TIMEOUT_S = float(os.environ.get("DYN_WORKER_DRAIN_S", "30"))
 LEASE_S = float(os.environ.get("DYN_LEASE_S", str(DEFAULT_LEASE_S)))
+# Dynamo's system status server: a worker's /metrics, off unless a port is given.
+SYSTEM_HOST = os.environ.get("DYN_SYSTEM_HOST", "0.0.0.0")
+
+
+def _system_port() -> int:
+    """DYN_SYSTEM_PORT as a port number; -1 (or unset) for no metrics server."""
+    text = os.environ.get("DYN_SYSTEM_PORT", "").strip() or "-1"
+    port = int(text) if text.lstrip("-").isdigit() else 65536
+    if port > 65535:
+        raise ValueError(f"DYN_SYSTEM_PORT must be a port number (or -1 for none), not {text!r}")
+    return port
 
 
 def _engine_load(client: ModelClient, server: EndpointServer) -> EngineLoad:
@@ -53,6 +65,10 @@ async def run_worker(loading: asyncio.Task[ModelClient], spec: RunSpec) -> int:
     endpoint = spec.input.endpoint
     assert endpoint is not None
     client = await loading
+    try:
+        system_port = _system_port()
+    except ValueError as exc:
+        raise RunError(f"in=dyn: {exc}") from None
     try:
         conn = await connect_nats(
             spec.flags.nats_url,
@@ -95,7 +111,8 @@ async def run_worker(loading: asyncio.Task[ModelClient], spec: RunSpec) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    publisher = None
+    publisher: KvEventPublisher | None = None
+    metrics_server = None
     try:
         if can.kv_events:  # the engine reports its KV cache: routers can use it
             await ensure_kv_stream(nc)
@@ -106,6 +123,26 @@ async def run_worker(loading: asyncio.Task[ModelClient], spec: RunSpec) -> int:
         else:
             log.info("the engine reports no KV events: KV-aware routers see none of its cache")
         await server.start()
+        if system_port >= 0:
+            counters = WorkerCounters(
+                instance_id,
+                served=lambda: server.served,
+                in_flight=lambda: server.in_flight,
+                lease_failures=registration.renew_failures,
+                kv_failures=lambda: publisher.failures if publisher is not None else None,
+            )
+            try:
+                metrics_server = serve_metrics(SYSTEM_HOST, system_port, counters)
+            except OSError as exc:
+                raise RunError(
+                    f"in=dyn: cannot serve metrics on {SYSTEM_HOST}:{system_port}: {exc}"
+                ) from None
+            port = metrics_server.server_address[1]
+            print(
+                f"dynamo-run: worker metrics at http://{SYSTEM_HOST}:{port}/metrics",
+                file=sys.stderr,
+                flush=True,
+            )
         await registration.start()
         print(
             f"dynamo-run: worker {instance_id} serving {client.card.name} at {endpoint.url} "
@@ -142,4 +179,6 @@ async def run_worker(loading: asyncio.Task[ModelClient], spec: RunSpec) -> int:
         if publisher is not None:
             client.engine.set_kv_event_sink(None)
             await publisher.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
         await conn.close()

@@ -7,6 +7,7 @@ before validation; the OpenAPI document still describes them (see ``_openapi``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -57,6 +58,10 @@ M = TypeVar("M", bound=BaseModel)
 WORKER_HEADER = "x-dynamo-worker"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 MAX_BODY_BYTES = 32 << 20  # larger bodies get a 413
+# A stream silent this long (a long prefill) gets a comment line, so that proxies and clients
+# with idle timeouts keep it; SSE clients ignore comments.
+DEFAULT_SSE_KEEPALIVE_S = 15.0
+PING = b": ping\n\n"
 
 
 async def _client_and_body(
@@ -71,24 +76,35 @@ async def _client_and_body(
 
 class SSEResponse(StreamingResponse):
     """A streamed response whose generator is always closed when the response ends, so a
-    client that hangs up releases the engine at once rather than at garbage collection."""
+    client that hangs up releases the engine at once rather than at garbage collection.
+
+    While no event has been sent for ``keepalive_s`` (a long prefill), a ``: ping`` comment
+    is, as sse-starlette does; the per-event cost is one clock read."""
 
     def __init__(
         self,
         content: Any,
         late_headers: Callable[[], dict[str, str]] | None = None,
         on_close: Callable[[], None] | None = None,
+        keepalive_s: float = DEFAULT_SSE_KEEPALIVE_S,
     ) -> None:
         super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
         self.late_headers = late_headers  # headers known once the first event is ready
         self.on_close = on_close  # called once the response ended, however it ended
+        self.keepalive_s = keepalive_s
         self._events = content
+        self._first: asyncio.Future[Any] | None = None  # the first event, while primed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             if self.late_headers is None or await self._prime(receive):
                 await super().__call__(scope, receive, send)
         finally:
+            first = self._first
+            if first is not None and not first.done():  # hung up during a long prefill
+                first.cancel()
+                with contextlib.suppress(BaseException):
+                    await first
             await self._events.aclose()
             if self.on_close is not None:
                 self.on_close()
@@ -96,48 +112,81 @@ class SSEResponse(StreamingResponse):
     async def _prime(self, receive: Receive) -> bool:
         """Wait for the first event, then add the headers it made known. False if the
         client hung up first: waiting for a worker's first token (queued behind others)
-        must not outlast the client, or abandoned requests stay queued everywhere."""
+        must not outlast the client, or abandoned requests stay queued everywhere. A first
+        event slower than the keep-alive interval is not waited for: the stream starts
+        (with pings) without those headers rather than be dropped as idle."""
         events = self._events
-        first_event = asyncio.ensure_future(events.__anext__())
+        first = self._first = asyncio.ensure_future(events.__anext__())
         gone = asyncio.ensure_future(_disconnect(receive))
+        timeout = self.keepalive_s if self.keepalive_s > 0 else None
         try:
-            await asyncio.wait({first_event, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({first, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (first_event, gone):
-                if not task.done():
-                    task.cancel()
-            await asyncio.wait({first_event, gone})
-        if not first_event.done() or first_event.cancelled():
-            return False
-        try:
-            first = first_event.result()
-        except StopAsyncIteration:
-            return True
-        assert self.late_headers is not None
-        for name, value in self.late_headers().items():
-            self.headers[name] = value
+            gone.cancel()
+            with contextlib.suppress(BaseException):
+                await gone
+        if not first.done():
+            if gone.done() and not gone.cancelled():
+                return False  # hung up while waiting: __call__ cancels ``first``
+        else:
+            try:
+                first.result()
+            except StopAsyncIteration:
+                return True
+            except BaseException:
+                pass  # raised again below, inside the response
+            else:
+                assert self.late_headers is not None
+                for name, value in self.late_headers().items():
+                    self.headers[name] = value
 
         async def chained() -> Any:
-            yield first
+            try:
+                yield await first
+            except StopAsyncIteration:
+                return
             async for event in events:
                 yield event
 
         self.body_iterator = chained()
         return True
 
+    async def stream_response(self, send: Send) -> None:
+        if self.keepalive_s <= 0:
+            await super().stream_response(send)
+            return
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        lock = asyncio.Lock()  # never two sends at once
+        last_sent = time.monotonic()
+
+        async def pings() -> None:
+            nonlocal last_sent
+            while True:
+                await asyncio.sleep(last_sent + self.keepalive_s - time.monotonic())
+                async with lock:
+                    if time.monotonic() - last_sent >= self.keepalive_s:
+                        last_sent = time.monotonic()
+                        await send({"type": "http.response.body", "body": PING, "more_body": True})
+
+        pinger = asyncio.create_task(pings(), name="sse-keepalive")
+        try:
+            async for chunk in self.body_iterator:
+                async with lock:
+                    last_sent = time.monotonic()
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            pinger.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pinger
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
 
 async def _disconnect(receive: Receive) -> None:
     """Returns when the client has hung up (the request body was read already)."""
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-def _not_found(name: str, names: list[str], where: str) -> str:
-    """The 404 message for a model name never served here (as OpenAI's, plus what is)."""
-    if names:
-        served = ", ".join(f"`{n}`" for n in names)
-        return f"The model `{name}` does not exist; this server serves {served}."
-    return f"The model `{name}` does not exist; no worker in {where} serves a model now."
 
 
 def _json_body(body: dict[str, Any], status: int = 200) -> Response:
@@ -228,7 +277,11 @@ def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
-def create_app(models: ServedModels, api_key: str | None = None) -> ServerMiddleware:
+def create_app(
+    models: ServedModels,
+    api_key: str | None = None,
+    sse_keepalive_s: float = DEFAULT_SSE_KEEPALIVE_S,
+) -> ServerMiddleware:
     """The ASGI application: FastAPI routes wrapped in the server middleware. ``models``
     may be shared with another input of the process (in=http,grpc)."""
     app = FastAPI(
@@ -292,7 +345,7 @@ def create_app(models: ServedModels, api_key: str | None = None) -> ServerMiddle
         ticket = models.admit(client, req.n)
         if req.stream:
             chunks = ChatChunks(*head, _include_usage(req), texts, top_n or 0)
-            return _stream(gen, chunks, ticket)
+            return _stream(gen, chunks, ticket, sse_keepalive_s)
         return await _whole(
             request,
             gen,
@@ -323,7 +376,7 @@ def create_app(models: ServedModels, api_key: str | None = None) -> ServerMiddle
             chunks = CompletionChunks(
                 *head, _include_usage(req), texts, top_n or 0, echo_prompts=echoed
             )
-            return _stream(gen, chunks, ticket)
+            return _stream(gen, chunks, ticket, sse_keepalive_s)
         return await _whole(
             request,
             gen,
@@ -385,15 +438,23 @@ def _token_texts(client: ModelClient, top_n: int | None) -> TokenTexts | None:
     return None if top_n is None else TokenTexts(client.card.tokenizer)
 
 
-def _stream(gen: Generation, chunks: ChatChunks | CompletionChunks, ticket: Ticket) -> Response:
+def _stream(
+    gen: Generation,
+    chunks: ChatChunks | CompletionChunks,
+    ticket: Ticket,
+    keepalive_s: float,
+) -> Response:
     gen.info.request_type = "stream"
     if not gen.client.engine.capabilities().remote:
-        return SSEResponse(sse_events(gen, chunks), on_close=ticket.release)
+        return SSEResponse(
+            sse_events(gen, chunks), on_close=ticket.release, keepalive_s=keepalive_s
+        )
     gen.hold_opening = True
     return SSEResponse(
         sse_events(gen, chunks),
         lambda: {WORKER_HEADER: ",".join(gen.workers)} if gen.workers else {},
         ticket.release,
+        keepalive_s,
     )
 
 

@@ -4,7 +4,8 @@ Streamed chunks are the per-token path, so they are built from string templates 
 per request plus one C-level JSON string escape per token (about 20x cheaper than dumping a
 dict, and 100x cheaper than a pydantic model). The shapes are the pydantic models in
 ``dynamo_run.protocol.openai`` (``ChatCompletionChunk``, ``CompletionResponse``); the tests
-validate streamed chunks against them.
+validate streamed chunks against strict copies of them (``tests/strict_models.py``:
+any key they do not define fails).
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ async def run_http(
     models = models or ServedModels(loading, admission=AdmissionSettings.from_flags(flags))
     tls = flags.tls_cert_path is not None
     config = uvicorn.Config(
-        create_app(models, api_key),
+        create_app(models, api_key, flags.sse_keepalive_s),
         log_config=None,
         access_log=False,
         lifespan="off",
